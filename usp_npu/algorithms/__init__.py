@@ -1,0 +1,1 @@
+"""The ring schedule, the ring loop, and the Ulysses x ring composition."""

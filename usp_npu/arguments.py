@@ -1,0 +1,67 @@
+"""MindSpeed-style command-line flags for context parallelism."""
+
+from __future__ import annotations
+
+import argparse
+
+from usp_npu.config import ALGORITHMS, BACKENDS, MASK_TYPES, ULYSSES
+
+
+def _flag_already_added(parser: argparse.ArgumentParser, flag: str) -> bool:
+    return any(flag in action.option_strings for action in parser._actions)
+
+
+def add_context_parallel_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the context-parallel flags (REFERENCE.md section 1) to ``parser`` and return it.
+
+    Flags Megatron already defines (``--context-parallel-size``) are left as they are, so this can
+    be called on a Megatron parser too. Parse results map 1:1 to :class:`ContextParallelConfig`
+    fields (``ContextParallelConfig.from_args(args)``).
+    """
+    group = parser.add_argument_group("context parallel (usp_npu)")
+    specs: list[tuple[str, dict]] = [
+        ("--context-parallel-size", {"type": int, "default": 1, "help": "CP degree"}),
+        (
+            "--context-parallel-algo",
+            {
+                "default": ULYSSES,
+                "choices": ALGORITHMS,
+                "help": "ulysses_cp_algo (all-to-all), megatron_cp_algo (ring) or hybrid_cp_algo (USP)",
+            },
+        ),
+        (
+            "--ulysses-degree-in-cp",
+            {
+                "type": int,
+                "default": None,
+                "help": "hybrid_cp_algo: Ulysses degree u inside CP; ring degree = cp / u",
+            },
+        ),
+        (
+            "--attention-mask-type",
+            {
+                "default": "causal",
+                "choices": MASK_TYPES,
+                "help": "causal: load-balanced split; general: full or explicit mask, contiguous split",
+            },
+        ),
+        (
+            "--attention-backend",
+            {
+                "default": "auto",
+                "choices": BACKENDS,
+                "help": "block kernel: npu (torch_npu), torch (aten flash ops), reference (plain math)",
+            },
+        ),
+        (
+            "--use-cp-send-recv-overlap",
+            {
+                "action": "store_true",
+                "help": "ring: send and receive on two communicators so both directions overlap",
+            },
+        ),
+    ]
+    for flag, kwargs in specs:
+        if not _flag_already_added(parser, flag):
+            group.add_argument(flag, **kwargs)
+    return parser

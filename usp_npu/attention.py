@@ -1,0 +1,162 @@
+"""Public entry points: ``context_parallel_attention`` and the ``USPAttention`` module.
+
+Everything a rank can check on its own is checked here, before the first collective, so a bad
+call fails with the same clear error on every rank instead of hanging one of them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from usp_npu import ops
+from usp_npu.algorithms.usp import usp_attention
+from usp_npu.comm.stats import CommStats
+from usp_npu.kernels import select_kernel
+from usp_npu.layouts import check_layout, from_canonical, to_canonical
+from usp_npu.parallel_state import ContextParallelMesh, get_mesh
+
+
+def _check_inputs(q, k, v, layout: str, head_dim: int | None):
+    check_layout(layout)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v are on different devices: {q.device}, {k.device}, {v.device}")
+    if layout == "SBH" and head_dim is None:
+        raise ValueError("layout SBH needs head_dim= (the hidden size holds N * head_dim)")
+    qc, kc, vc = (to_canonical(t, layout, head_dim) for t in (q, k, v))
+    if kc.shape != vc.shape:
+        raise ValueError(f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
+    (lq, bq, nq, dq), (lk, bk, nk, dk) = qc.shape, kc.shape
+    if (lq, bq, dq) != (lk, bk, dk):
+        raise ValueError(
+            f"q {tuple(q.shape)} and k/v {tuple(k.shape)} ({layout}) disagree on the local sequence "
+            "length, batch or head_dim"
+        )
+    if nq % nk:
+        raise ValueError(f"{nq} query heads are not a multiple of {nk} key/value heads")
+    return qc, kc, vc
+
+
+def _check_against_mesh(qc, kc, mesh: ContextParallelMesh, attention_mask) -> None:
+    cfg = mesh.config
+    local, total = qc.shape[0], qc.shape[0] * mesh.cp_size
+    problems = cfg.sequence_errors(total)
+    if problems:
+        raise ValueError(
+            f"local sequence length {local} on {mesh.cp_size} CP ranks means --seq-length {total}, "
+            f"which this split cannot hold: {problems[0]}. Split inputs with usp_npu.split_sequence."
+        )
+    problems = cfg.local_head_errors(qc.shape[2], kc.shape[2])
+    if problems:
+        raise ValueError(problems[0])
+    if attention_mask is None:
+        return
+    if cfg.causal:
+        raise ValueError(
+            "attention_mask was given but --attention-mask-type is causal (the mask would be "
+            "ignored); use --attention-mask-type general for an explicit mask"
+        )
+    if attention_mask.dtype != torch.bool or tuple(attention_mask.shape) != (total, total):
+        raise ValueError(
+            f"attention_mask must be a bool [S, S] = [{total}, {total}] full-sequence mask "
+            f"(True = masked); got {attention_mask.dtype} {tuple(attention_mask.shape)}"
+        )
+    if attention_mask.device != qc.device:
+        raise ValueError(f"attention_mask is on {attention_mask.device}, q on {qc.device}")
+
+
+def context_parallel_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: str = "BSND",
+    softmax_scale: float | None = None,
+    head_dim: int | None = None,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    mesh: ContextParallelMesh | None = None,
+    comm_stats: CommStats | None = None,
+) -> torch.Tensor:
+    """Attention over the whole CP group's sequence, from and to this rank's shards.
+
+    Args:
+        q: local queries in ``layout``: ``BSND`` ``[B, L, Nq, D]``, ``BNSD`` ``[B, Nq, L, D]`` or
+            ``SBH`` ``[L, B, Nq * D]`` (``head_dim`` required), L = this rank's tokens as laid
+            out by :func:`usp_npu.split_sequence`; Nq = this tensor-parallel rank's heads.
+        k, v: local keys/values, same layout, ``Nkv`` heads (``Nq % Nkv == 0``: GQA/MQA).
+        softmax_scale: defaults to ``1 / sqrt(head_dim)``.
+        attention_mask: general mask type only: bool ``[S, S]`` over the full sequence,
+            True = masked (torch_npu convention). Causal comes from the config.
+        mesh: defaults to the mesh of :func:`usp_npu.initialize_context_parallel`.
+        comm_stats: if given, bytes sent are counted into it.
+
+    Returns:
+        The local output, same layout and shape as ``q``. Differentiable w.r.t. q, k, v.
+    """
+    qc, kc, vc = _check_inputs(q, k, v, layout, head_dim)
+    mesh = mesh or get_mesh()
+    _check_against_mesh(qc, kc, mesh, attention_mask)
+    cfg = mesh.config
+    scale = qc.shape[3] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    kernel = select_kernel(cfg.attention_backend, q.device, q.dtype, attention_mask is not None)
+    merge = ops.ring_attention_update_
+    out = usp_attention(
+        qc,
+        kc,
+        vc,
+        mesh=mesh,
+        kernel=kernel,
+        scale=scale,
+        merge=merge,
+        mask=attention_mask,
+        stats=comm_stats,
+    )
+    return from_canonical(out, layout)
+
+
+class USPAttention(nn.Module):
+    """Context-parallel core attention as a module (no parameters).
+
+    ``forward(q, k, v, attention_mask=None)`` takes and returns local shards in ``layout``; see
+    :func:`context_parallel_attention`. ``mesh=None`` uses the current mesh at call time.
+    """
+
+    def __init__(
+        self,
+        layout: str = "BSND",
+        softmax_scale: float | None = None,
+        head_dim: int | None = None,
+        mesh: ContextParallelMesh | None = None,
+    ):
+        super().__init__()
+        check_layout(layout)
+        if layout == "SBH" and head_dim is None:
+            raise ValueError("USPAttention(layout='SBH') needs head_dim=")
+        self.layout, self.softmax_scale, self.head_dim, self.mesh = (
+            layout,
+            softmax_scale,
+            head_dim,
+            mesh,
+        )
+        self.comm_stats: CommStats | None = None
+
+    def forward(self, q, k, v, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return context_parallel_attention(
+            q,
+            k,
+            v,
+            self.layout,
+            self.softmax_scale,
+            self.head_dim,
+            attention_mask,
+            mesh=self.mesh,
+            comm_stats=self.comm_stats,
+        )
+
+    def extra_repr(self) -> str:
+        return f"layout={self.layout}, softmax_scale={self.softmax_scale}, head_dim={self.head_dim}"

@@ -1,0 +1,1 @@
+"""Communication: the Ulysses all-to-all and the ring's point-to-point exchange."""

@@ -1,0 +1,67 @@
+"""The ring's point-to-point exchange: send to the next ring rank, receive from the previous.
+
+Each call posts both directions asynchronously and returns a handle; the caller computes the
+current block meanwhile and waits only when it needs the next one (double buffering).
+Without the overlap option both go in one ``batch_isend_irecv`` (deadlock-free on NCCL/HCCL).
+With ``--use-cp-send-recv-overlap`` the link ``i -> i+1`` uses the first communicator when ``i``
+is even and the second when odd, so a rank's send and receive run on different communicators;
+both ends of a link derive the same choice from the sender's index.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from usp_npu.comm.stats import CommStats
+from usp_npu.parallel_state import ContextParallelMesh
+
+
+@dataclass
+class PendingRecv:
+    """An exchange in flight; ``wait()`` returns the received tensor."""
+
+    works: list
+    buffer: torch.Tensor
+
+    def wait(self) -> torch.Tensor:
+        for work in self.works:
+            work.wait()
+        return self.buffer
+
+
+class RingExchange:
+    """Next/previous peers of this rank on its ring group, and the send/recv they use."""
+
+    def __init__(self, mesh: ContextParallelMesh, stats: CommStats | None = None):
+        ranks, i = mesh.ring_ranks, mesh.ring_rank
+        size = len(ranks)
+        self.size = size
+        self.next_rank = ranks[(i + 1) % size]
+        self.prev_rank = ranks[(i - 1) % size]
+        self.stats = stats
+        first, second = mesh.ring_group, mesh.ring_overlap_group
+        self.split_groups = second is not None
+        self.send_group = first if (second is None or i % 2 == 0) else second
+        self.recv_group = first if (second is None or ((i - 1) % size) % 2 == 0) else second
+        self.send_first = i % 2 == 0
+
+    def start(self, tensor: torch.Tensor, kind: str) -> PendingRecv:
+        """Send ``tensor`` (contiguous) to the next rank; receive the same shape from the previous."""
+        recv = torch.empty_like(tensor)
+        if self.stats is not None:
+            self.stats.add(kind, tensor.numel() * tensor.element_size())
+        if not self.split_groups:
+            ops = [
+                dist.P2POp(dist.isend, tensor, self.next_rank, self.send_group),
+                dist.P2POp(dist.irecv, recv, self.prev_rank, self.recv_group),
+            ]
+            return PendingRecv(dist.batch_isend_irecv(ops if self.send_first else ops[::-1]), recv)
+        posts = [
+            lambda: dist.isend(tensor, self.next_rank, group=self.send_group),
+            lambda: dist.irecv(recv, self.prev_rank, group=self.recv_group),
+        ]
+        works = [post() for post in (posts if self.send_first else posts[::-1])]
+        return PendingRecv(works, recv)

@@ -1,0 +1,251 @@
+"""ContextParallelConfig: the validated context-parallel settings, one dataclass.
+
+Every rule of REFERENCE.md section 1 lives here as a small check that returns a message naming
+the ``--dashed-flag`` to change. ``validate`` runs them all; the attention entry point reuses the
+same checks on the shapes it receives, so a bad combination is caught identically on every rank
+before any collective.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+ULYSSES = "ulysses_cp_algo"
+RING = "megatron_cp_algo"
+HYBRID = "hybrid_cp_algo"
+ALGORITHMS = (ULYSSES, RING, HYBRID)
+MASK_TYPES = ("causal", "general")
+BACKENDS = ("auto", "npu", "torch", "reference")
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+@dataclass
+class ContextParallelConfig:
+    """Context-parallel settings, field for field the MindSpeed-style flags (snake_case).
+
+    Attributes:
+        context_parallel_size: CP degree ``cp`` (``--context-parallel-size``).
+        context_parallel_algo: ``ulysses_cp_algo`` | ``megatron_cp_algo`` (ring) |
+            ``hybrid_cp_algo`` (USP).
+        ulysses_degree_in_cp: Ulysses degree ``u`` for the hybrid algorithm; ring degree is cp/u.
+        attention_mask_type: ``causal`` (load-balanced split) or ``general`` (full or explicit mask,
+            contiguous split).
+        attention_backend: block kernel: ``auto`` | ``npu`` | ``torch`` | ``reference``.
+        use_cp_send_recv_overlap: ring sends and receives on two communicators over the same ranks.
+    """
+
+    context_parallel_size: int = 1
+    context_parallel_algo: str = ULYSSES
+    ulysses_degree_in_cp: int | None = None
+    attention_mask_type: str = "causal"
+    attention_backend: str = "auto"
+    use_cp_send_recv_overlap: bool = False
+
+    @classmethod
+    def from_args(cls, args: object) -> ContextParallelConfig:
+        """Build from an ``argparse.Namespace`` (or any object) carrying the flags' attributes."""
+        values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+        return cls(**values)
+
+    # -- derived degrees -------------------------------------------------------------------
+    @property
+    def causal(self) -> bool:
+        return self.attention_mask_type == "causal"
+
+    @property
+    def ulysses_degree(self) -> int:
+        """``u``: ranks that exchange heads through the all-to-all."""
+        cp = self.context_parallel_size
+        if self.context_parallel_algo == ULYSSES:
+            return cp
+        if self.context_parallel_algo == RING:
+            return 1
+        return self.ulysses_degree_in_cp or 1
+
+    @property
+    def ring_degree(self) -> int:
+        """``r = cp / u``: ranks on one ring."""
+        return self.context_parallel_size // max(self.ulysses_degree, 1)
+
+    # -- validation ------------------------------------------------------------------------
+    def validate(
+        self,
+        num_attention_heads: int,
+        seq_length: int,
+        tensor_model_parallel_size: int = 1,
+        num_query_groups: int | None = None,
+        world_size: int | None = None,
+        pipeline_model_parallel_size: int = 1,
+    ) -> ContextParallelConfig:
+        """Check every rule for this algorithm; raise ValueError naming the flag(s) to change.
+
+        Returns ``self`` so calls can be chained.
+        """
+        problems = self.settings_errors()
+        if not problems:
+            problems += self.parallel_errors(
+                tensor_model_parallel_size, world_size, pipeline_model_parallel_size
+            )
+            problems += self.head_errors(
+                num_attention_heads, num_query_groups, tensor_model_parallel_size
+            )
+            problems += self.sequence_errors(seq_length)
+        if problems:
+            raise ValueError("invalid context-parallel settings:\n  - " + "\n  - ".join(problems))
+        return self
+
+    def settings_errors(self) -> list[str]:
+        """Rules on the CP flags alone."""
+        cp, algo, u = (
+            self.context_parallel_size,
+            self.context_parallel_algo,
+            self.ulysses_degree_in_cp,
+        )
+        if not isinstance(cp, int) or cp < 1:
+            return [f"--context-parallel-size must be an integer >= 1, got {cp!r}"]
+        if algo not in ALGORITHMS:
+            return [f"--context-parallel-algo must be one of {', '.join(ALGORITHMS)}; got {algo!r}"]
+        errors = []
+        if self.attention_mask_type not in MASK_TYPES:
+            errors.append(
+                f"--attention-mask-type must be causal or general; got {self.attention_mask_type!r}"
+            )
+        if self.attention_backend not in BACKENDS:
+            errors.append(
+                f"--attention-backend must be one of {', '.join(BACKENDS)}; "
+                f"got {self.attention_backend!r}"
+            )
+        if algo != HYBRID and u is not None and u != self.ulysses_degree:
+            errors.append(
+                f"--ulysses-degree-in-cp {u} only applies to --context-parallel-algo hybrid_cp_algo "
+                f"(the {algo} degree is fixed to {self.ulysses_degree}); drop the flag or switch "
+                "the algorithm"
+            )
+        if algo == HYBRID:
+            if u is None:
+                errors.append(
+                    "--context-parallel-algo hybrid_cp_algo needs --ulysses-degree-in-cp "
+                    f"(a divisor of --context-parallel-size {cp} below it: "
+                    f"{', '.join(map(str, _divisors(cp)[:-1])) or 'none'})"
+                )
+            elif u < 1 or cp % u != 0:
+                errors.append(
+                    f"--ulysses-degree-in-cp {u} must divide --context-parallel-size {cp} "
+                    f"(ring degree = cp / u); valid values: {', '.join(map(str, _divisors(cp)))}"
+                )
+            elif u == cp:
+                errors.append(
+                    f"--ulysses-degree-in-cp {u} equals --context-parallel-size {cp}: the ring degree "
+                    "would be 1, which is plain Ulysses; use --context-parallel-algo ulysses_cp_algo "
+                    "or choose a smaller --ulysses-degree-in-cp"
+                )
+        return errors
+
+    def parallel_errors(
+        self,
+        tensor_model_parallel_size: int,
+        world_size: int | None,
+        pipeline_model_parallel_size: int,
+    ) -> list[str]:
+        tp, pp, cp = (
+            tensor_model_parallel_size,
+            pipeline_model_parallel_size,
+            self.context_parallel_size,
+        )
+        if tp < 1 or pp < 1:
+            return [f"--tensor-model-parallel-size ({tp}) and pipeline size ({pp}) must be >= 1"]
+        if world_size is not None and world_size % (tp * cp * pp) != 0:
+            return [
+                f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
+                f"--context-parallel-size {cp} x --pipeline-model-parallel-size {pp} = {tp * cp * pp}"
+            ]
+        return []
+
+    def head_errors(
+        self,
+        num_attention_heads: int,
+        num_query_groups: int | None,
+        tensor_model_parallel_size: int,
+    ) -> list[str]:
+        """Head-count rules, on the global counts (``--num-attention-heads``, ``--num-query-groups``)."""
+        tp, u = tensor_model_parallel_size, self.ulysses_degree
+        heads, groups = num_attention_heads, num_query_groups
+        if heads % (u * tp) != 0:
+            what = (
+                "--context-parallel-size"
+                if self.context_parallel_algo == ULYSSES
+                else ("--ulysses-degree-in-cp")
+            )
+            return [
+                f"--num-attention-heads {heads} must be divisible by {what} {u} x "
+                f"--tensor-model-parallel-size {tp} = {u * tp} (each Ulysses rank takes whole heads)"
+                + (
+                    "; --context-parallel-algo megatron_cp_algo or hybrid_cp_algo has no such limit"
+                    if self.context_parallel_algo == ULYSSES
+                    else ""
+                )
+            ]
+        if groups is None:
+            return []
+        if groups < 1 or heads % groups != 0:
+            return [f"--num-query-groups {groups} must divide --num-attention-heads {heads}"]
+        if groups % tp != 0:
+            return [
+                f"--num-query-groups {groups} must be divisible by "
+                f"--tensor-model-parallel-size {tp}"
+            ]
+        return self.local_head_errors(heads // tp, groups // tp)
+
+    def local_head_errors(self, local_heads: int, local_kv_heads: int) -> list[str]:
+        """Head rules on one tensor-parallel rank's head counts (what the tensors show)."""
+        u = self.ulysses_degree
+        if local_heads % u != 0:
+            return [
+                f"{local_heads} query heads per tensor-parallel rank are not divisible by the Ulysses "
+                f"degree {u}: change --num-attention-heads, --tensor-model-parallel-size or "
+                f"{'--context-parallel-size' if self.context_parallel_algo == ULYSSES else '--ulysses-degree-in-cp'}"
+            ]
+        if local_heads % local_kv_heads != 0:
+            return [
+                f"{local_heads} query heads are not a multiple of {local_kv_heads} key/value heads"
+            ]
+        if u > 1 and local_kv_heads % u != 0 and u % local_kv_heads != 0:
+            return [
+                f"{local_kv_heads} key/value heads per tensor-parallel rank and Ulysses degree {u}: "
+                "one must divide the other (K/V heads are split, or replicated, across the Ulysses "
+                "group); change --num-query-groups or the Ulysses degree"
+            ]
+        return []
+
+    def sequence_errors(self, seq_length: int) -> list[str]:
+        """Sequence-length rules for the split this algorithm and mask type use."""
+        cp, u, r = self.context_parallel_size, self.ulysses_degree, self.ring_degree
+        causal, algo = self.causal, self.context_parallel_algo
+        if seq_length < 1:
+            return [f"--seq-length must be positive, got {seq_length}"]
+        if algo == ULYSSES or (not causal):
+            need, why = cp, f"--context-parallel-size {cp}"
+            if algo == HYBRID:
+                why = f"ring degree {r} x --ulysses-degree-in-cp {u} = {cp}"
+        elif algo == RING:
+            need, why = 2 * cp, f"2 x --context-parallel-size {cp} (causal load-balanced split)"
+        else:
+            # 2r chunks, then each ring rank's two chunks are cut into u pieces: seq % 2r == 0 and
+            # (seq / r) % u == 0, i.e. seq divisible by r * lcm(2, u)
+            need = r * math.lcm(2, u)
+            why = (
+                f"ring degree {r} x lcm(2, --ulysses-degree-in-cp {u}) = {need} (causal "
+                "load-balanced split into 2 x ring-degree chunks, each ring rank's share cut "
+                "into u pieces)"
+            )
+        if seq_length % need != 0:
+            return [
+                f"--seq-length {seq_length} must be divisible by {why} (the sequence is never "
+                f"truncated or padded); nearest valid: {seq_length - seq_length % need} or "
+                f"{seq_length - seq_length % need + need}"
+            ]
+        return []

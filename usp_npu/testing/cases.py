@@ -1,0 +1,180 @@
+"""One attention check, run on every rank: CP attention vs dense single-device attention.
+
+Used by the test suite and by ``usp-npu demo``. Every rank builds the same full-sequence inputs
+from a seed, computes the dense float64 reference and its gradients locally, runs
+context-parallel attention on its own shard and reports the largest error of its shard.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+
+from usp_npu.attention import context_parallel_attention
+from usp_npu.comm.stats import CommStats
+from usp_npu.config import ContextParallelConfig
+from usp_npu.layouts import from_canonical, to_canonical
+from usp_npu.parallel_state import initialize_context_parallel
+from usp_npu.sharding import split_sequence
+from usp_npu.testing.reference import dense_attention
+
+DTYPES = {
+    "float64": torch.float64,
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+@dataclass(frozen=True)
+class AttentionCase:
+    """A problem and a CP configuration. ``seq`` is the FULL sequence length."""
+
+    algo: str = "ulysses_cp_algo"
+    cp: int = 2
+    ulysses_degree: int | None = None
+    tp: int = 1
+    mask_type: str = "causal"
+    mask: str = (
+        "none"  # general only: "none" (full attention) or "random" (with a fully masked row)
+    )
+    layout: str = "BSND"
+    dtype: str = "float64"
+    seq: int = 32
+    batch: int = 1
+    heads: int = 4
+    kv_heads: int | None = None
+    head_dim: int = 8
+    backend: str = "auto"
+    overlap: bool = False
+    seed: int = 0
+
+    def config(self) -> ContextParallelConfig:
+        return ContextParallelConfig(
+            context_parallel_size=self.cp,
+            context_parallel_algo=self.algo,
+            ulysses_degree_in_cp=self.ulysses_degree,
+            attention_mask_type=self.mask_type,
+            attention_backend=self.backend,
+            use_cp_send_recv_overlap=self.overlap,
+        )
+
+
+def full_inputs(case: AttentionCase):
+    """Same on every rank: q [S,B,N,D], k, v [S,B,Nkv,D], dout, mask (float64, canonical)."""
+    g = torch.Generator().manual_seed(case.seed)
+    s, b, n, d = case.seq, case.batch, case.heads, case.head_dim
+    nkv = case.kv_heads or n
+    q = torch.randn(s, b, n, d, generator=g, dtype=torch.float64)
+    k = torch.randn(s, b, nkv, d, generator=g, dtype=torch.float64)
+    v = torch.randn(s, b, nkv, d, generator=g, dtype=torch.float64)
+    dout = torch.randn(s, b, n, d, generator=g, dtype=torch.float64)
+    mask = None
+    if case.mask == "random":
+        mask = torch.rand(s, s, generator=g) < 0.4
+        mask[s // 3] = True  # a query row that sees no key at all
+    return q, k, v, dout, mask
+
+
+def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((got.double() - ref).abs().max() / ref.abs().max().clamp_min(1.0)).item()
+
+
+def _run_cp(case: AttentionCase, mesh, inputs, repeats: int) -> dict:
+    """CP attention forward + backward on this rank's shards of ``inputs`` (full, canonical)."""
+    q, k, v, dout, mask = inputs
+    dtype = DTYPES[case.dtype]
+
+    def local(x):
+        return from_canonical(split_sequence(x, 0, mesh).to(dtype), case.layout)
+
+    stats = CommStats()
+    for _ in range(max(repeats, 1)):
+        stats.reset()
+        ql, kl, vl = (local(x).requires_grad_() for x in (q, k, v))
+        t0 = time.perf_counter()
+        out = context_parallel_attention(
+            ql,
+            kl,
+            vl,
+            case.layout,
+            head_dim=case.head_dim,
+            attention_mask=mask,
+            mesh=mesh,
+            comm_stats=stats,
+        )
+        t1 = time.perf_counter()
+        out.backward(local(dout))
+        t2 = time.perf_counter()
+    got = [
+        to_canonical(x, case.layout, case.head_dim)
+        for x in (out.detach(), ql.grad, kl.grad, vl.grad)
+    ]
+    return {
+        "got": got,
+        "finite": all(torch.isfinite(x).all().item() for x in got),
+        "forward_s": t1 - t0,
+        "backward_s": t2 - t1,
+        "bytes_sent": stats.total,
+    }
+
+
+def _case_inputs(case: AttentionCase):
+    """Full inputs rounded to the case dtype (kept in float64), this TP rank's heads only."""
+    q, k, v, dout, mask = full_inputs(case)
+    dtype = DTYPES[case.dtype]
+    q, k, v, dout = (x.to(dtype).double() for x in (q, k, v, dout))
+    # tensor parallel: this rank keeps its slice of the heads (Megatron: tp is the fastest axis)
+    tp_idx = dist.get_rank() % case.tp
+    q, k, v, dout = (x.chunk(case.tp, dim=2)[tp_idx] for x in (q, k, v, dout))
+    return q, k, v, dout, mask
+
+
+def check_attention(case: AttentionCase, repeats: int = 1) -> dict:
+    """Run ``case`` on this rank; return the max errors of its out/dq/dk/dv shards against the
+    dense float64 reference (computed locally on the same rounded inputs), and timings."""
+    cfg = case.config()
+    mesh = initialize_context_parallel(cfg, tensor_model_parallel_size=case.tp)
+    inputs = _case_inputs(case)
+    q, k, v, dout, mask = inputs
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    ref = dense_attention(*leaves, causal=cfg.causal, mask=mask)
+    ref.backward(dout)
+    refs = [ref.detach()] + [x.grad for x in leaves]
+    res = _run_cp(case, mesh, inputs, repeats)
+    res["errors"] = {
+        name: _rel_err(g, split_sequence(r, 0, mesh))
+        for name, g, r in zip(("out", "dq", "dk", "dv"), res.pop("got"), refs, strict=True)
+    }
+    res["case"] = asdict(case)
+    return res
+
+
+def run_shards(case: AttentionCase, repeats: int = 2) -> dict:
+    """Run ``case`` on this rank and return its shards (``got``: out, dq, dk, dv, canonical) and
+    timings, for a caller that compares them against a reference elsewhere (the demo)."""
+    mesh = initialize_context_parallel(case.config(), tensor_model_parallel_size=case.tp)
+    res = _run_cp(case, mesh, _case_inputs(case), repeats)
+    res["got"] = [x.detach().float() for x in res["got"]]
+    res["cp_rank"] = mesh.cp_rank
+    return res
+
+
+#: max error allowed against the float64 dense reference (relative to max(1, |ref|))
+TOLERANCES = {"float64": 1e-9, "float32": 2e-5, "bfloat16": 2.5e-2, "float16": 5e-3}
+
+
+def world_size(case: AttentionCase) -> int:
+    return case.cp * case.tp
+
+
+def assert_matches_reference(results: list[dict], case: AttentionCase) -> None:
+    """Raise AssertionError unless every rank's output and gradients are within tolerance."""
+    tol = TOLERANCES[case.dtype]
+    for rank, res in enumerate(results):
+        assert res["finite"], f"rank {rank}: non-finite output or gradient for {case}"
+        bad = {k: v for k, v in res["errors"].items() if not v <= tol}
+        assert not bad, f"rank {rank}: errors {bad} above {tol} for {case}"
