@@ -96,14 +96,14 @@ def mesh_rank_lists(
     return cp_groups, ulysses_groups, ring_groups
 
 
-# Groups are cached by (purpose, ranks): re-initialising with another config reuses the groups
+# Groups are cached by (purpose, ranks, timeout): re-initialising with another config reuses the groups
 # whose members did not change. Every rank walks the same creation order, so caches agree.
-_GROUPS: dict[tuple[str, tuple[int, ...]], ProcessGroup] = {}
+_GROUPS: dict[tuple[str, tuple[int, ...], timedelta | None], ProcessGroup] = {}
 _CURRENT: ContextParallelMesh | None = None
 
 
 def _group(kind: str, ranks: list[int], timeout: timedelta | None) -> ProcessGroup:
-    key = (kind, tuple(ranks))
+    key = (kind, tuple(ranks), timeout)
     if key not in _GROUPS:
         kwargs = {"timeout": timeout} if timeout is not None else {}
         _GROUPS[key] = dist.new_group(ranks=list(ranks), **kwargs)

@@ -25,10 +25,19 @@ class PendingRecv:
 
     works: list
     buffer: torch.Tensor
+    peers: tuple[int, int]  # (next, previous) global ranks, for the error message
 
     def wait(self) -> torch.Tensor:
-        for work in self.works:
-            work.wait()
+        try:
+            for work in self.works:
+                work.wait()
+        except RuntimeError as err:
+            raise RuntimeError(
+                f"usp_npu ring exchange (send to rank {self.peers[0]}, receive from rank "
+                f"{self.peers[1]}) failed or timed out; a peer rank probably failed before this "
+                "step (look for its own error). The limit is initialize_context_parallel(timeout=)."
+                f" Cause: {err}"
+            ) from err
         return self.buffer
 
 
@@ -58,10 +67,11 @@ class RingExchange:
                 dist.P2POp(dist.isend, tensor, self.next_rank, self.send_group),
                 dist.P2POp(dist.irecv, recv, self.prev_rank, self.recv_group),
             ]
-            return PendingRecv(dist.batch_isend_irecv(ops if self.send_first else ops[::-1]), recv)
+            works = dist.batch_isend_irecv(ops if self.send_first else ops[::-1])
+            return PendingRecv(works, recv, (self.next_rank, self.prev_rank))
         posts = [
             lambda: dist.isend(tensor, self.next_rank, group=self.send_group),
             lambda: dist.irecv(recv, self.prev_rank, group=self.recv_group),
         ]
         works = [post() for post in (posts if self.send_first else posts[::-1])]
-        return PendingRecv(works, recv)
+        return PendingRecv(works, recv, (self.next_rank, self.prev_rank))

@@ -145,9 +145,17 @@ def check_attention(case: AttentionCase, repeats: int = 1) -> dict:
     ref.backward(dout)
     refs = [ref.detach()] + [x.grad for x in leaves]
     res = _run_cp(case, mesh, inputs, repeats)
-    res["errors"] = {
-        name: _rel_err(g, split_sequence(r, 0, mesh))
+    pairs = [
+        (name, g, split_sequence(r, 0, mesh))
         for name, g, r in zip(("out", "dq", "dk", "dv"), res.pop("got"), refs, strict=True)
+    ]
+    res["errors"] = {name: _rel_err(g, r) for name, g, r in pairs}
+    # root-mean-square error over this rank's shard, relative to the reference's RMS
+    res["rms_errors"] = {
+        name: (
+            (g.double() - r).pow(2).mean().sqrt() / r.pow(2).mean().sqrt().clamp_min(1e-30)
+        ).item()
+        for name, g, r in pairs
     }
     res["case"] = asdict(case)
     return res

@@ -1,0 +1,260 @@
+"""The Ascend block kernel: ``torch_npu.npu_fusion_attention`` and its grad.
+
+Implements :class:`usp_npu.kernels.base.BlockKernel` on the torch_npu fused attention ops.
+``torch_npu`` is imported when a block is computed, never at ``import usp_npu`` time: without
+the CANN toolkit the import fails (and can break ``import torch``), so nothing else may need it.
+Tests put :mod:`usp_npu.testing.npu_emulation` in its place.
+
+Layouts: the canonical block ``[S, B, N, D]`` goes to the op either as ``SBH``
+(``reshape(S, B, N * D)``, free for contiguous tensors) or as ``BNSD`` (a permute and a copy:
+MindSpeed's ``--megatron-cp-in-bnsd``, faster on the device). Statistics stay in the op's own
+form, fp32 ``[B, N, S, 8]``, whatever the layout: the ring merges them as they are.
+
+Masks (:class:`~usp_npu.kernels.base.BlockMask`):
+
+- full: ``atten_mask=None``, ``sparse_mode=0``.
+- causal (top-left anchored): the compressed 2048x2048 ``triu(diagonal=1)`` bool mask, built once
+  per device and cached, with ``sparse_mode=3`` (bottom-right causal) on square blocks, which is
+  what the ring asks for and what the device is tuned for, and ``sparse_mode=2`` (top-left) on
+  the rare non-square block, so the meaning of ``causal`` never changes with the shape.
+- explicit ``[sq, sk]`` bool mask: passed as is with ``sparse_mode=1``. When some row is masked
+  completely, ``inner_precise=2`` turns on the device's invalid-row handling, without which such
+  a row is computed as if nothing were masked.
+
+Dropout: ``keep_prob < 1`` makes the op draw its mask from (seed, offset); the forward returns
+them as :class:`NpuRngState`, which the caller keeps per block and hands back to ``backward`` so
+the grad replays the same mask. The backward gets the FINAL output and statistics of the ring
+(FlashAttention-2 decomposition), so the per-block gradients add up exactly.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+
+from usp_npu.kernels.base import BlockMask, check_block_shapes
+
+__all__ = ["NpuBlockKernel", "NpuRngState"]
+
+_LAYOUTS = ("SBH", "BNSD")
+_COMPRESSED = 2048
+_FWD_ARGS = ("atten_mask", "scale", "keep_prob", "sparse_mode", "inner_precise")
+_BWD_ARGS = (
+    "atten_mask", "softmax_max", "softmax_sum", "attention_in", "scale_value", "keep_prob",
+    "seed", "offset", "numels", "sparse_mode", "inner_precise",
+)  # fmt: skip
+_causal_masks: dict[tuple[str, int | None], torch.Tensor] = {}
+_checked_ops: dict[int, tuple[ModuleType, dict[str, bool]]] = {}
+
+
+@dataclass(frozen=True)
+class NpuRngState:
+    """The dropout RNG state of one block as ``npu_fusion_attention`` returns it."""
+
+    seed: int
+    offset: int
+    numels: int
+
+
+def _torch_npu() -> ModuleType:
+    """Import torch_npu now, or explain how to get it (RuntimeError)."""
+    try:
+        return importlib.import_module("torch_npu")
+    except Exception as exc:  # ImportError, or OSError for a missing CANN library
+        raise RuntimeError(
+            f"the 'npu' attention backend needs torch_npu, which could not be imported ({exc}). "
+            "On an Ascend host install the CANN toolkit (and `source "
+            "/usr/local/Ascend/ascend-toolkit/set_env.sh`), then the torch_npu wheel matching "
+            "your torch version (`pip install torch-npu==<torch version>`, torch_npu >= 2.1). "
+            "On CPU or CUDA use `--attention-backend torch` instead."
+        ) from exc
+
+
+def _check_ops(mod: ModuleType) -> dict[str, bool]:
+    """Fail clearly when this torch_npu's attention ops lack the arguments used here.
+
+    Returns, per op, whether its signature could be verified (builtins may have none: then a
+    TypeError from the call is taken as the sign of an old torch_npu).
+    """
+    cached = _checked_ops.get(id(mod))
+    if cached is not None and cached[0] is mod:  # identity, not just id(): ids get reused
+        return cached[1]
+    verified = {}
+    for name, needed in (
+        ("npu_fusion_attention", _FWD_ARGS),
+        ("npu_fusion_attention_grad", _BWD_ARGS),
+    ):
+        op = getattr(mod, name, None)
+        if op is None:
+            raise RuntimeError(f"torch_npu has no {name}: the 'npu' backend needs torch_npu >= 2.1")
+        try:
+            params = inspect.signature(op).parameters
+        except (TypeError, ValueError):  # a builtin without a signature: rely on the call
+            verified[name] = False
+            continue
+        verified[name] = True
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            continue
+        missing = [a for a in needed if a not in params]
+        if missing:
+            raise RuntimeError(
+                f"torch_npu.{name} takes no {', '.join(missing)}: the 'npu' attention backend "
+                "needs torch_npu >= 2.1 (sparse_mode and the softmax statistics); upgrade it"
+            )
+    _checked_ops[id(mod)] = (mod, verified)
+    return verified
+
+
+def _call(mod: ModuleType, name: str, *args, **kwargs):
+    """``torch_npu.<name>(*args, **kwargs)``, naming the version needed when it cannot be called."""
+    verified = _check_ops(mod)
+    try:
+        return getattr(mod, name)(*args, **kwargs)
+    except TypeError as exc:
+        if verified[name]:
+            raise
+        raise RuntimeError(
+            f"torch_npu.{name} rejected the arguments of the 'npu' attention backend ({exc}); "
+            "it needs torch_npu >= 2.1 (sparse_mode, softmax_max/softmax_sum, scale_value)"
+        ) from exc
+
+
+def _causal_mask(device: torch.device) -> torch.Tensor:
+    """The compressed causal mask of sparse modes 2/3, one per device."""
+    key = (device.type, device.index)
+    mask = _causal_masks.get(key)
+    if mask is None:
+        mask = torch.ones(_COMPRESSED, _COMPRESSED, dtype=torch.bool, device=device).triu(1)
+        _causal_masks[key] = mask
+    return mask
+
+
+class NpuBlockKernel:
+    """Block attention on Ascend through ``torch_npu.npu_fusion_attention`` (see module doc).
+
+    ``layout``: ``"SBH"`` or ``"BNSD"``, the layout handed to the op. ``keep_prob``: attention
+    dropout keep probability (1 = no dropout).
+    """
+
+    name = "npu"
+    stat_lanes = 8
+    #: input dtypes the device kernel takes (no float64 on Ascend)
+    supported_dtypes = (torch.float16, torch.bfloat16, torch.float32)
+
+    def __init__(self, layout: str = "SBH", keep_prob: float = 1.0) -> None:
+        if layout not in _LAYOUTS:
+            raise ValueError(f"NpuBlockKernel layout must be one of {_LAYOUTS}, got {layout!r}")
+        if not 0.0 < keep_prob <= 1.0:
+            raise ValueError(f"keep_prob must be in (0, 1], got {keep_prob}")
+        self.layout = layout
+        self.keep_prob = float(keep_prob)
+
+    @staticmethod
+    def ensure_available() -> None:
+        """Import torch_npu and check its ops now (RuntimeError saying what is missing).
+
+        Lets a caller fail on every rank before the first collective rather than in a block.
+        """
+        _check_ops(_torch_npu())
+
+    def __repr__(self) -> str:
+        return f"NpuBlockKernel(layout={self.layout!r}, keep_prob={self.keep_prob})"
+
+    # -- layout conversions -------------------------------------------------------------------
+
+    def _to_op(self, x: torch.Tensor) -> torch.Tensor:
+        """Canonical ``[S, B, N, D]`` -> ``[S, B, N*D]`` (SBH) or ``[B, N, S, D]`` (BNSD)."""
+        if self.layout == "SBH":  # a view for contiguous blocks: no copy
+            return x.reshape(x.shape[0], x.shape[1], x.shape[2] * x.shape[3]).contiguous()
+        return x.permute(1, 2, 0, 3).contiguous()
+
+    def _from_op(self, x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`_to_op`, shaped like the canonical ``like``."""
+        if self.layout == "SBH":
+            return x.reshape(like.shape)
+        return x.permute(2, 0, 1, 3).contiguous()
+
+    @staticmethod
+    def _mask_args(q: torch.Tensor, k: torch.Tensor, mask: BlockMask) -> dict:
+        """``atten_mask``/``sparse_mode``/``inner_precise`` for a block mask."""
+        sq, sk = q.shape[0], k.shape[0]
+        if mask.causal:
+            mode = 3 if sq == sk else 2
+            return {"atten_mask": _causal_mask(q.device), "sparse_mode": mode, "inner_precise": 0}
+        if mask.mask is None:
+            return {"atten_mask": None, "sparse_mode": 0, "inner_precise": 0}
+        m = mask.mask
+        if tuple(m.shape) != (sq, sk):
+            raise ValueError(
+                f"block mask shape {tuple(m.shape)} does not match the block ({sq}, {sk})"
+            )
+        m = m.to(device=q.device, dtype=torch.bool)
+        precise = 2 if bool(m.all(dim=-1).any()) else 0  # rows that see no key
+        return {"atten_mask": m.contiguous(), "sparse_mode": 1, "inner_precise": precise}
+
+    @staticmethod
+    def _check_dtype(q: torch.Tensor) -> None:
+        if q.dtype not in NpuBlockKernel.supported_dtypes:
+            raise TypeError(
+                f"the 'npu' attention backend takes float16, bfloat16 or float32, got {q.dtype}: "
+                "Ascend has no float64 attention (use `--attention-backend torch` for float64)"
+            )
+
+    # -- the BlockKernel protocol -------------------------------------------------------------
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, mask: BlockMask
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, NpuRngState | None]:
+        """``(out [sq, B, Nq, D], softmax_max, softmax_sum [B, Nq, sq, 8] fp32, rng_state)``."""
+        check_block_shapes(q, k, v)
+        self._check_dtype(q)
+        res = _call(
+            _torch_npu(), "npu_fusion_attention",
+            self._to_op(q), self._to_op(k), self._to_op(v), q.shape[2], self.layout,
+            scale=scale, keep_prob=self.keep_prob, **self._mask_args(q, k, mask),
+        )  # fmt: skip
+        out, smax, ssum = res[0], res[1], res[2]
+        rng = NpuRngState(int(res[4]), int(res[5]), int(res[6])) if self.keep_prob < 1.0 else None
+        return self._from_op(out, q), smax, ssum, rng
+
+    def backward(
+        self,
+        dout: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,
+        softmax_max: torch.Tensor,
+        softmax_sum: torch.Tensor,
+        *,
+        scale: float,
+        mask: BlockMask,
+        rng_state: object = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(dq, dk, dv)`` of this block from the FINAL ``out`` and statistics of the ring.
+
+        ``dout``/``out`` ``[sq, B, Nq, D]``; statistics ``[B, Nq, sq, 8]`` fp32; ``rng_state``:
+        the :class:`NpuRngState` that :meth:`forward` returned for this block (dropout only).
+        """
+        check_block_shapes(q, k, v)
+        self._check_dtype(q)
+        if self.keep_prob < 1.0 and not isinstance(rng_state, NpuRngState):
+            raise ValueError(
+                "NpuBlockKernel.backward with dropout needs the NpuRngState that forward "
+                f"returned for this block, got {rng_state!r}"
+            )
+        rng = rng_state if isinstance(rng_state, NpuRngState) else NpuRngState(0, 0, 0)
+        grads = _call(
+            _torch_npu(), "npu_fusion_attention_grad",
+            self._to_op(q), self._to_op(k), self._to_op(v), self._to_op(dout), q.shape[2],
+            self.layout, softmax_max=softmax_max.contiguous(),
+            softmax_sum=softmax_sum.contiguous(), attention_in=self._to_op(out),
+            scale_value=scale, keep_prob=self.keep_prob,
+            seed=rng.seed, offset=rng.offset, numels=rng.numels, **self._mask_args(q, k, mask),
+        )  # fmt: skip
+        # 4-tuple (dq, dk, dv, dpse) in older releases, 5 (+ dsink) in newer: index 0..2
+        return self._from_op(grads[0], q), self._from_op(grads[1], k), self._from_op(grads[2], v)
