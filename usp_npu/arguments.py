@@ -60,6 +60,13 @@ def add_context_parallel_args(parser: argparse.ArgumentParser) -> argparse.Argum
                 "help": "ring: send and receive on two communicators so both directions overlap",
             },
         ),
+        (
+            "--megatron-cp-in-bnsd",
+            {
+                "action": "store_true",
+                "help": "npu backend: run each ring block in BNSD layout instead of SBH",
+            },
+        ),
     ]
     for flag, kwargs in specs:
         if not _flag_already_added(parser, flag):

@@ -79,6 +79,7 @@ def context_parallel_attention(
     head_dim: int | None = None,
     attention_mask: torch.Tensor | None = None,
     *,
+    dropout_p: float = 0.0,
     mesh: ContextParallelMesh | None = None,
     comm_stats: CommStats | None = None,
 ) -> torch.Tensor:
@@ -92,6 +93,8 @@ def context_parallel_attention(
         softmax_scale: defaults to ``1 / sqrt(head_dim)``.
         attention_mask: general mask type only: bool ``[S, S]`` over the full sequence,
             True = masked (torch_npu convention). Causal comes from the config.
+        dropout_p: attention dropout; needs the npu backend, whose blocks replay their dropout
+            mask (seed, offset) in the backward.
         mesh: defaults to the mesh of :func:`usp_npu.initialize_context_parallel`.
         comm_stats: if given, bytes sent are counted into it.
 
@@ -103,7 +106,16 @@ def context_parallel_attention(
     _check_against_mesh(qc, kc, mesh, attention_mask)
     cfg = mesh.config
     scale = qc.shape[3] ** -0.5 if softmax_scale is None else float(softmax_scale)
-    kernel = select_kernel(cfg.attention_backend, q.device, q.dtype, attention_mask is not None)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    kernel = select_kernel(
+        cfg.attention_backend,
+        q.device,
+        q.dtype,
+        attention_mask is not None,
+        npu_layout="BNSD" if cfg.megatron_cp_in_bnsd else "SBH",
+        dropout_p=dropout_p,
+    )
     merge = ops.ring_attention_update_
     out = usp_attention(
         qc,
@@ -132,31 +144,22 @@ class USPAttention(nn.Module):
         softmax_scale: float | None = None,
         head_dim: int | None = None,
         mesh: ContextParallelMesh | None = None,
+        dropout_p: float = 0.0,
     ):
         super().__init__()
         check_layout(layout)
         if layout == "SBH" and head_dim is None:
             raise ValueError("USPAttention(layout='SBH') needs head_dim=")
-        self.layout, self.softmax_scale, self.head_dim, self.mesh = (
-            layout,
-            softmax_scale,
-            head_dim,
-            mesh,
-        )
+        self.layout, self.softmax_scale, self.head_dim = layout, softmax_scale, head_dim
+        self.mesh, self.dropout_p = mesh, dropout_p
         self.comm_stats: CommStats | None = None
 
     def forward(self, q, k, v, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return context_parallel_attention(
-            q,
-            k,
-            v,
-            self.layout,
-            self.softmax_scale,
-            self.head_dim,
-            attention_mask,
-            mesh=self.mesh,
-            comm_stats=self.comm_stats,
-        )
+            q, k, v, self.layout, self.softmax_scale, self.head_dim, attention_mask,
+            dropout_p=self.dropout_p if self.training else 0.0,
+            mesh=self.mesh, comm_stats=self.comm_stats,
+        )  # fmt: skip
 
     def extra_repr(self) -> str:
         return f"layout={self.layout}, softmax_scale={self.softmax_scale}, head_dim={self.head_dim}"

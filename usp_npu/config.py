@@ -36,6 +36,7 @@ class ContextParallelConfig:
             contiguous split).
         attention_backend: block kernel: ``auto`` | ``npu`` | ``torch`` | ``reference``.
         use_cp_send_recv_overlap: ring sends and receives on two communicators over the same ranks.
+        megatron_cp_in_bnsd: NPU backend: hand each block to the fused op in BNSD instead of SBH.
     """
 
     context_parallel_size: int = 1
@@ -44,6 +45,7 @@ class ContextParallelConfig:
     attention_mask_type: str = "causal"
     attention_backend: str = "auto"
     use_cp_send_recv_overlap: bool = False
+    megatron_cp_in_bnsd: bool = False
 
     @classmethod
     def from_args(cls, args: object) -> ContextParallelConfig:

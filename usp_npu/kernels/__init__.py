@@ -22,12 +22,18 @@ __all__ = [
 
 
 def select_kernel(
-    backend: str, device: torch.device, dtype: torch.dtype, has_mask: bool, **npu_options
+    backend: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    has_mask: bool,
+    *,
+    npu_layout: str = "SBH",
+    dropout_p: float = 0.0,
 ) -> BlockKernel:
     """The block kernel for ``--attention-backend backend`` on tensors of this device/dtype.
 
     ``auto``: npu for npu tensors, torch where its ops take the dtype and mask, reference otherwise.
-    ``npu_options`` (``layout``, ``keep_prob``) go to the NPU kernel.
+    Everything is checked here (torch_npu importable, dtype, dropout), before any collective.
     """
     if backend == "auto":
         if device.type == "npu":
@@ -39,7 +45,18 @@ def select_kernel(
     if backend == "npu":
         from usp_npu.kernels.npu import NpuBlockKernel
 
-        return NpuBlockKernel(**npu_options)
+        if dtype not in NpuBlockKernel.supported_dtypes:
+            raise ValueError(
+                f"--attention-backend npu takes float16, bfloat16 or float32, not {dtype} "
+                "(Ascend has no float64 attention); use --attention-backend torch or reference"
+            )
+        NpuBlockKernel.ensure_available()
+        return NpuBlockKernel(layout=npu_layout, keep_prob=1.0 - dropout_p)
+    if dropout_p > 0:
+        raise ValueError(
+            f"attention dropout ({dropout_p}) needs --attention-backend npu: the {backend} block "
+            "kernel cannot replay a dropout mask in the backward; set the dropout to 0"
+        )
     if backend == "torch":
         if not torch_flash.supports(device, dtype, has_mask):
             raise ValueError(

@@ -50,6 +50,8 @@ class AttentionCase:
     head_dim: int = 8
     backend: str = "auto"
     overlap: bool = False
+    bnsd: bool = False  # --megatron-cp-in-bnsd (npu backend)
+    emulate_npu: bool = False  # install the CPU emulation as torch_npu while the case runs
     seed: int = 0
 
     def config(self) -> ContextParallelConfig:
@@ -60,6 +62,7 @@ class AttentionCase:
             attention_mask_type=self.mask_type,
             attention_backend=self.backend,
             use_cp_send_recv_overlap=self.overlap,
+            megatron_cp_in_bnsd=self.bnsd,
         )
 
 
@@ -136,6 +139,15 @@ def _case_inputs(case: AttentionCase):
 def check_attention(case: AttentionCase, repeats: int = 1) -> dict:
     """Run ``case`` on this rank; return the max errors of its out/dq/dk/dv shards against the
     dense float64 reference (computed locally on the same rounded inputs), and timings."""
+    if case.emulate_npu:
+        from usp_npu.testing.npu_emulation import emulated_torch_npu
+
+        with emulated_torch_npu():
+            return _check_attention(case, repeats)
+    return _check_attention(case, repeats)
+
+
+def _check_attention(case: AttentionCase, repeats: int) -> dict:
     cfg = case.config()
     mesh = initialize_context_parallel(cfg, tensor_model_parallel_size=case.tp)
     inputs = _case_inputs(case)
