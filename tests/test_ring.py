@@ -83,6 +83,23 @@ def _cases():
             AttentionCase(algo=RING, cp=cp, heads=4, seq=48 if cp == 3 else 32, overlap=True),
             id=f"overlap-cp{cp}",
         )
+    # the merge: auto (above) picks the C++ op on CPU; force it, and force the composed formula
+    for cp, (mtype, mask), fused, dtype in itertools.product(
+        (2, 4), MASKS, (True, False), ("float64", "bfloat16")
+    ):
+        yield pytest.param(
+            AttentionCase(
+                algo=RING,
+                cp=cp,
+                mask_type=mtype,
+                mask=mask,
+                kv_heads=2,
+                dtype=dtype,
+                seq=32,
+                fused_update=fused,
+            ),
+            id=f"cp{cp}-{mtype}-{mask}-{dtype}-{'fused' if fused else 'composed'}-merge",
+        )
 
 
 @pytest.mark.parametrize("case", list(_cases()))

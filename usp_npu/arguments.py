@@ -67,6 +67,15 @@ def add_context_parallel_args(parser: argparse.ArgumentParser) -> argparse.Argum
                 "help": "npu backend: run each ring block in BNSD layout instead of SBH",
             },
         ),
+        (
+            "--use-fused-ring-attention-update",
+            {
+                "action": argparse.BooleanOptionalAction,
+                "default": None,
+                "help": "merge ring steps with the fused op (C++ on CPU, torch_npu on NPU); "
+                "default: wherever one is available; --no-... forces the composed formula",
+            },
+        ),
     ]
     for flag, kwargs in specs:
         if not _flag_already_added(parser, flag):

@@ -116,7 +116,7 @@ def context_parallel_attention(
         npu_layout="BNSD" if cfg.megatron_cp_in_bnsd else "SBH",
         dropout_p=dropout_p,
     )
-    merge = ops.ring_attention_update_
+    merge = ops.resolve_ring_update(cfg.use_fused_ring_attention_update, q.device)
     out = usp_attention(
         qc,
         kc,

@@ -2,6 +2,8 @@
 
 ``usp-npu demo``: run context-parallel attention on CPU ranks (spawned, gloo) or, under
 torchrun, one rank per process, and show its agreement with single-device attention.
+``usp-npu bench``: for every valid (algo, u, r) of a world size, measure time, CPU time against
+one-process attention, compute balance and bytes sent per rank.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import argparse
 import os
 import sys
 import time
+from dataclasses import replace
 
 import torch
 
@@ -39,6 +42,53 @@ def _demo_parser(sub) -> None:
     )
     add_context_parallel_args(p)
     p.set_defaults(context_parallel_size=None)
+
+
+def _bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="time, CPU time and bytes per rank for every valid (u, r)")
+    p.add_argument("--world-size", type=int, default=4)
+    p.add_argument("--seq-length", type=int, nargs="+", default=[8192])
+    p.add_argument("--num-attention-heads", type=int, default=8)
+    p.add_argument("--num-query-groups", type=int, default=None)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--json", default=None, help="also write the rows as JSON to this file")
+
+
+def _bench(args) -> int:
+    import json
+
+    from usp_npu.bench import bench_rank, format_table, single_process_cpu, summarize, valid_configs
+    from usp_npu.testing.launcher import ProcessGroupPool
+
+    rows = []
+    with (
+        ProcessGroupPool(1, timeout_s=3600) as one,
+        ProcessGroupPool(args.world_size, timeout_s=3600) as pool,
+    ):
+        for seq in args.seq_length:
+            cases = [
+                replace(c, dtype=args.dtype, head_dim=args.head_dim, repeats=args.repeats)
+                for c in valid_configs(
+                    args.world_size, args.num_attention_heads, seq, args.num_query_groups
+                )
+            ]
+            if not cases:
+                raise ValueError(f"no valid configuration for S={seq} on {args.world_size} ranks")
+            single = one.run(single_process_cpu, cases[0])[0]
+            for case in cases:
+                rows.append(summarize(case, pool.run(bench_rank, case), single))
+                print(format_table(rows[-1:]).splitlines()[-1], flush=True)
+    print(
+        f"\n{args.world_size} ranks (gloo, 1 thread each) on {os.cpu_count()} cores, {args.dtype}, "
+        f"heads {args.num_attention_heads}, head_dim {args.head_dim}, causal:\n"
+    )
+    print(format_table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
 
 
 def _case_from_args(args, world: int) -> AttentionCase:
@@ -180,10 +230,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="usp-npu", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _demo_parser(sub)
+    _bench_parser(sub)
     args = parser.parse_args(argv)
     try:
         if args.command == "demo":
             return _demo(args)
+        if args.command == "bench":
+            return _bench(args)
     except ValueError as err:
         print(f"usp-npu: {err}", file=sys.stderr)
         return 2

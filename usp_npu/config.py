@@ -37,6 +37,9 @@ class ContextParallelConfig:
         attention_backend: block kernel: ``auto`` | ``npu`` | ``torch`` | ``reference``.
         use_cp_send_recv_overlap: ring sends and receives on two communicators over the same ranks.
         megatron_cp_in_bnsd: NPU backend: hand each block to the fused op in BNSD instead of SBH.
+        use_fused_ring_attention_update: merge ring steps with the fused op (C++ on CPU,
+            ``npu_ring_attention_update`` on NPU): ``None`` = where one exists, ``True`` = always
+            (error if unavailable), ``False`` = the composed PyTorch formula.
     """
 
     context_parallel_size: int = 1
@@ -46,6 +49,7 @@ class ContextParallelConfig:
     attention_backend: str = "auto"
     use_cp_send_recv_overlap: bool = False
     megatron_cp_in_bnsd: bool = False
+    use_fused_ring_attention_update: bool | None = None
 
     @classmethod
     def from_args(cls, args: object) -> ContextParallelConfig:
@@ -67,6 +71,15 @@ class ContextParallelConfig:
         if self.context_parallel_algo == RING:
             return 1
         return self.ulysses_degree_in_cp or 1
+
+    @property
+    def ulysses_flag(self) -> str:
+        """The flag that sets the Ulysses degree for this algorithm (for error messages)."""
+        return (
+            "--context-parallel-size"
+            if self.context_parallel_algo == ULYSSES
+            else ("--ulysses-degree-in-cp")
+        )
 
     @property
     def ring_degree(self) -> int:
@@ -92,6 +105,7 @@ class ContextParallelConfig:
             problems += self.parallel_errors(
                 tensor_model_parallel_size, world_size, pipeline_model_parallel_size
             )
+        if not problems:  # the head rules divide by the parallel sizes checked above
             problems += self.head_errors(
                 num_attention_heads, num_query_groups, tensor_model_parallel_size
             )
@@ -137,7 +151,8 @@ class ContextParallelConfig:
             elif u < 1 or cp % u != 0:
                 errors.append(
                     f"--ulysses-degree-in-cp {u} must divide --context-parallel-size {cp} "
-                    f"(ring degree = cp / u); valid values: {', '.join(map(str, _divisors(cp)))}"
+                    f"(ring degree = cp / u); valid values: "
+                    f"{', '.join(map(str, _divisors(cp)[:-1]))}"
                 )
             elif u == cp:
                 errors.append(
@@ -158,8 +173,16 @@ class ContextParallelConfig:
             pipeline_model_parallel_size,
             self.context_parallel_size,
         )
-        if tp < 1 or pp < 1:
-            return [f"--tensor-model-parallel-size ({tp}) and pipeline size ({pp}) must be >= 1"]
+        errors = [
+            f"{flag} must be an integer >= 1, got {value!r}"
+            for flag, value in (
+                ("--tensor-model-parallel-size", tp),
+                ("--pipeline-model-parallel-size", pp),
+            )
+            if not isinstance(value, int) or value < 1
+        ]
+        if errors:
+            return errors
         if world_size is not None and world_size % (tp * cp * pp) != 0:
             return [
                 f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
@@ -177,13 +200,13 @@ class ContextParallelConfig:
         tp, u = tensor_model_parallel_size, self.ulysses_degree
         heads, groups = num_attention_heads, num_query_groups
         if heads % (u * tp) != 0:
-            what = (
-                "--context-parallel-size"
-                if self.context_parallel_algo == ULYSSES
-                else ("--ulysses-degree-in-cp")
-            )
+            if u == 1:  # a pure ring: only tensor parallelism splits heads
+                return [
+                    f"--num-attention-heads {heads} must be divisible by "
+                    f"--tensor-model-parallel-size {tp} (each tensor-parallel rank takes whole heads)"
+                ]
             return [
-                f"--num-attention-heads {heads} must be divisible by {what} {u} x "
+                f"--num-attention-heads {heads} must be divisible by {self.ulysses_flag} {u} x "
                 f"--tensor-model-parallel-size {tp} = {u * tp} (each Ulysses rank takes whole heads)"
                 + (
                     "; --context-parallel-algo megatron_cp_algo or hybrid_cp_algo has no such limit"
@@ -209,7 +232,7 @@ class ContextParallelConfig:
             return [
                 f"{local_heads} query heads per tensor-parallel rank are not divisible by the Ulysses "
                 f"degree {u}: change --num-attention-heads, --tensor-model-parallel-size or "
-                f"{'--context-parallel-size' if self.context_parallel_algo == ULYSSES else '--ulysses-degree-in-cp'}"
+                f"{self.ulysses_flag}"
             ]
         if local_heads % local_kv_heads != 0:
             return [
@@ -219,7 +242,7 @@ class ContextParallelConfig:
             return [
                 f"{local_kv_heads} key/value heads per tensor-parallel rank and Ulysses degree {u}: "
                 "one must divide the other (K/V heads are split, or replicated, across the Ulysses "
-                "group); change --num-query-groups or the Ulysses degree"
+                f"group); change --num-query-groups or {self.ulysses_flag} (Ulysses degree {u})"
             ]
         return []
 
@@ -245,9 +268,10 @@ class ContextParallelConfig:
                 "into u pieces)"
             )
         if seq_length % need != 0:
+            below = seq_length - seq_length % need
+            lo, hi = (below, below + need) if below > 0 else (need, 2 * need)
             return [
                 f"--seq-length {seq_length} must be divisible by {why} (the sequence is never "
-                f"truncated or padded); nearest valid: {seq_length - seq_length % need} or "
-                f"{seq_length - seq_length % need + need}"
+                f"truncated or padded); nearest valid: {lo} or {hi}"
             ]
         return []

@@ -27,12 +27,15 @@ def usp_attention(
     merge: MergeFn,
     mask: torch.Tensor | None = None,
     stats: CommStats | None = None,
+    blocking_comm: bool = False,
 ) -> torch.Tensor:
     """Context-parallel attention of this rank's shards, canonical layout.
 
     ``q``: ``[L, B, Nq, D]``, ``k``/``v``: ``[L, B, Nkv, D]`` as split by ``split_sequence``;
     ``mask``: full-sequence bool ``[S, S]`` (general mask type only). Returns ``[L, B, Nq, D]``.
     Shapes must have been validated (``attention.py``) before this runs any collective.
+    ``blocking_comm`` waits for every ring exchange at once (no overlap; benchmarks use it to
+    measure how much communication the overlap hides).
     """
     u = mesh.ulysses_size
     if u > 1:
@@ -40,7 +43,7 @@ def usp_attention(
         k, v = replicate_kv_heads(k, u), replicate_kv_heads(v, u)
         q, k, v = heads_to_sequence([q, k, v], mesh.ulysses_group, stats)
     steps = ring_schedule(mesh.ring_rank, mesh.ring_size, q.shape[0], mesh.config.causal, mask)
-    exchange = RingExchange(mesh, stats) if mesh.ring_size > 1 else None
+    exchange = RingExchange(mesh, stats, blocking_comm) if mesh.ring_size > 1 else None
     out = ring_attention(q, k, v, RingPlan(steps, kernel, scale, merge, exchange))
     if u > 1:
         (out,) = sequence_to_heads([out], mesh.ulysses_group, stats)

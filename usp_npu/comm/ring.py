@@ -10,6 +10,7 @@ both ends of a link derive the same choice from the sender's index.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -26,11 +27,15 @@ class PendingRecv:
     works: list
     buffer: torch.Tensor
     peers: tuple[int, int]  # (next, previous) global ranks, for the error message
+    stats: CommStats | None = None
 
     def wait(self) -> torch.Tensor:
+        start = time.perf_counter()
+        # Idempotent: a gloo work waited twice can block forever, so forget each once done.
         try:
-            for work in self.works:
-                work.wait()
+            while self.works:
+                self.works[0].wait()
+                self.works.pop(0)
         except RuntimeError as err:
             raise RuntimeError(
                 f"usp_npu ring exchange (send to rank {self.peers[0]}, receive from rank "
@@ -38,13 +43,17 @@ class PendingRecv:
                 "step (look for its own error). The limit is initialize_context_parallel(timeout=)."
                 f" Cause: {err}"
             ) from err
+        if self.stats is not None:
+            self.stats.ring_wait_s += time.perf_counter() - start
         return self.buffer
 
 
 class RingExchange:
     """Next/previous peers of this rank on its ring group, and the send/recv they use."""
 
-    def __init__(self, mesh: ContextParallelMesh, stats: CommStats | None = None):
+    def __init__(
+        self, mesh: ContextParallelMesh, stats: CommStats | None = None, blocking: bool = False
+    ):
         ranks, i = mesh.ring_ranks, mesh.ring_rank
         size = len(ranks)
         self.size = size
@@ -56,9 +65,17 @@ class RingExchange:
         self.send_group = first if (second is None or i % 2 == 0) else second
         self.recv_group = first if (second is None or ((i - 1) % size) % 2 == 0) else second
         self.send_first = i % 2 == 0
+        #: wait for each exchange before returning it (no overlap: for measuring what overlap hides)
+        self.blocking = blocking
 
     def start(self, tensor: torch.Tensor, kind: str) -> PendingRecv:
         """Send ``tensor`` (contiguous) to the next rank; receive the same shape from the previous."""
+        pending = self._post(tensor, kind)
+        if self.blocking:
+            pending.wait()
+        return pending
+
+    def _post(self, tensor: torch.Tensor, kind: str) -> PendingRecv:
         recv = torch.empty_like(tensor)
         if self.stats is not None:
             self.stats.add(kind, tensor.numel() * tensor.element_size())
@@ -68,10 +85,10 @@ class RingExchange:
                 dist.P2POp(dist.irecv, recv, self.prev_rank, self.recv_group),
             ]
             works = dist.batch_isend_irecv(ops if self.send_first else ops[::-1])
-            return PendingRecv(works, recv, (self.next_rank, self.prev_rank))
+            return PendingRecv(works, recv, (self.next_rank, self.prev_rank), self.stats)
         posts = [
             lambda: dist.isend(tensor, self.next_rank, group=self.send_group),
             lambda: dist.irecv(recv, self.prev_rank, group=self.recv_group),
         ]
         works = [post() for post in (posts if self.send_first else posts[::-1])]
-        return PendingRecv(works, recv, (self.next_rank, self.prev_rank))
+        return PendingRecv(works, recv, (self.next_rank, self.prev_rank), self.stats)

@@ -52,6 +52,7 @@ class AttentionCase:
     overlap: bool = False
     bnsd: bool = False  # --megatron-cp-in-bnsd (npu backend)
     emulate_npu: bool = False  # install the CPU emulation as torch_npu while the case runs
+    fused_update: bool | None = None  # --use-fused-ring-attention-update (None = auto)
     seed: int = 0
 
     def config(self) -> ContextParallelConfig:
@@ -63,6 +64,7 @@ class AttentionCase:
             attention_backend=self.backend,
             use_cp_send_recv_overlap=self.overlap,
             megatron_cp_in_bnsd=self.bnsd,
+            use_fused_ring_attention_update=self.fused_update,
         )
 
 

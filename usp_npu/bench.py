@@ -1,0 +1,181 @@
+"""Measurements behind ``usp-npu bench`` and ``benchmarks/``: time, CPU time, bytes per rank.
+
+Each rank runs forward + backward of context-parallel attention on random shards and reports
+wall time, the CPU time of its main thread (all compute, copies and merges; gloo's own threads
+excluded), the CPU time spent inside block kernels, and the bytes it sent by kind. The parent
+aggregates across ranks; nothing here is a test.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, replace
+
+import torch
+
+from usp_npu import ops
+from usp_npu.algorithms.usp import usp_attention
+from usp_npu.comm.stats import CommStats
+from usp_npu.config import HYBRID, RING, ULYSSES, ContextParallelConfig
+from usp_npu.kernels import select_kernel
+from usp_npu.parallel_state import initialize_context_parallel
+
+
+@dataclass(frozen=True)
+class BenchCase:
+    algo: str = ULYSSES
+    cp: int = 4
+    ulysses_degree: int | None = None
+    seq: int = 8192
+    batch: int = 1
+    heads: int = 8
+    kv_heads: int | None = None
+    head_dim: int = 64
+    dtype: str = "float32"
+    mask_type: str = "causal"
+    overlap: bool = False
+    blocking: bool = False  # ring exchanges waited at once: no compute/communication overlap
+    repeats: int = 2
+
+    def config(self) -> ContextParallelConfig:
+        return ContextParallelConfig(
+            self.cp,
+            self.algo,
+            self.ulysses_degree,
+            self.mask_type,
+            use_cp_send_recv_overlap=self.overlap,
+        )
+
+    @property
+    def label(self) -> str:
+        cfg = self.config()
+        return f"{self.algo} u={cfg.ulysses_degree} r={cfg.ring_degree}"
+
+
+class _TimedKernel:
+    """Wraps a block kernel; adds the CPU time of this thread spent in its calls."""
+
+    def __init__(self, inner):
+        self.inner, self.name, self.stat_lanes = inner, inner.name, inner.stat_lanes
+        self.cpu_s = 0.0
+
+    def forward(self, *args, **kwargs):
+        t0 = time.thread_time()
+        try:
+            return self.inner.forward(*args, **kwargs)
+        finally:
+            self.cpu_s += time.thread_time() - t0
+
+    def backward(self, *args, **kwargs):
+        t0 = time.thread_time()
+        try:
+            return self.inner.backward(*args, **kwargs)
+        finally:
+            self.cpu_s += time.thread_time() - t0
+
+
+def bench_rank(case: BenchCase) -> dict:
+    """Run ``case`` on this rank (one warm-up, then ``repeats``); per-iteration averages."""
+    mesh = initialize_context_parallel(case.config())
+    dtype = getattr(torch, case.dtype)
+    local = case.seq // case.cp
+    g = torch.Generator().manual_seed(mesh.rank)
+    nkv = case.kv_heads or case.heads
+    shapes = [(local, case.batch, case.heads, case.head_dim)] + [
+        (local, case.batch, nkv, case.head_dim)
+    ] * 2
+    q, k, v = (torch.randn(s, generator=g).to(dtype) for s in shapes)
+    kernel = _TimedKernel(select_kernel("auto", q.device, dtype, False))
+    stats = CommStats()
+    totals = dict.fromkeys(("forward_s", "backward_s", "cpu_s", "kernel_cpu_s", "ring_wait_s"), 0.0)
+    for it in range(case.repeats + 1):
+        stats.reset()
+        kernel.cpu_s = 0.0
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        c0, t0 = time.thread_time(), time.perf_counter()
+        out = usp_attention(
+            *leaves,
+            mesh=mesh,
+            kernel=kernel,
+            scale=case.head_dim**-0.5,
+            merge=ops.resolve_ring_update(None, q.device),
+            stats=stats,
+            blocking_comm=case.blocking,
+        )
+        t1 = time.perf_counter()
+        out.backward(torch.ones_like(out))
+        t2, c2 = time.perf_counter(), time.thread_time()
+        if it == 0:
+            continue  # warm-up
+        for key, value in (
+            ("forward_s", t1 - t0),
+            ("backward_s", t2 - t1),
+            ("cpu_s", c2 - c0),
+            ("kernel_cpu_s", kernel.cpu_s),
+        ):
+            totals[key] += value / case.repeats
+        totals["ring_wait_s"] += stats.ring_wait_s / case.repeats
+    return {**totals, "bytes": dict(stats.sent), "rank": mesh.rank}
+
+
+def summarize(case: BenchCase, ranks: list[dict], single_cpu_s: float | None = None) -> dict:
+    """Aggregate per-rank results: slowest wall time, compute balance, CPU total, bytes."""
+    compute = [r["kernel_cpu_s"] for r in ranks]
+    row = {
+        "config": case.label,
+        **asdict(case),
+        "wall_ms": 1e3 * max(r["forward_s"] + r["backward_s"] for r in ranks),
+        "compute_max_over_mean": max(compute) / (sum(compute) / len(compute)),
+        "cpu_total_s": sum(r["cpu_s"] for r in ranks),
+        "ring_wait_ms": 1e3 * max(r["ring_wait_s"] for r in ranks),
+        "mib_per_rank": max(sum(r["bytes"].values()) for r in ranks) / 2**20,
+        "mib_by_kind": {
+            k: max(r["bytes"].get(k, 0) for r in ranks) / 2**20
+            for k in sorted({k for r in ranks for k in r["bytes"]})
+        },
+    }
+    if single_cpu_s:
+        row["cpu_vs_single"] = row["cpu_total_s"] / single_cpu_s
+    return row
+
+
+def valid_configs(cp: int, heads: int, seq: int, kv_heads: int | None = None) -> list[BenchCase]:
+    """Every (algo, u) that validates for this problem, Ulysses and ring included."""
+    out = []
+    for u in (d for d in range(1, cp + 1) if cp % d == 0):
+        algo = ULYSSES if u == cp else (RING if u == 1 else HYBRID)
+        case = BenchCase(
+            algo=algo,
+            cp=cp,
+            ulysses_degree=u if algo == HYBRID else None,
+            seq=seq,
+            heads=heads,
+            kv_heads=kv_heads,
+        )
+        try:
+            case.config().validate(heads, seq, num_query_groups=kv_heads, world_size=cp)
+        except ValueError:
+            continue
+        out.append(case)
+    return out
+
+
+def single_process_cpu(case: BenchCase) -> float:
+    """Main-thread CPU seconds of one-process attention (forward + backward) of the same size."""
+    return bench_rank(replace(case, algo=ULYSSES, cp=1, ulysses_degree=None))["cpu_s"]
+
+
+def format_table(rows: list[dict]) -> str:
+    head = (
+        "| config | S | wall ms (slowest rank) | compute max/mean | CPU total s | CPU vs 1 process "
+        "| MiB sent per rank (by kind) |\n|---|---|---|---|---|---|---|"
+    )
+    lines = [head]
+    for r in rows:
+        kinds = ", ".join(f"{k} {v:.1f}" for k, v in r["mib_by_kind"].items()) or "-"
+        ratio = f"{r['cpu_vs_single']:.2f}" if "cpu_vs_single" in r else "-"
+        lines.append(
+            f"| {r['config']} | {r['seq']} | {r['wall_ms']:.0f} | {r['compute_max_over_mean']:.3f} "
+            f"| {r['cpu_total_s']:.2f} | {ratio} | {r['mib_per_rank']:.1f} ({kinds}) |"
+        )
+    return "\n".join(lines)
