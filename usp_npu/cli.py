@@ -19,7 +19,14 @@ import torch
 from usp_npu.arguments import add_context_parallel_args
 from usp_npu.config import ContextParallelConfig
 from usp_npu.sharding import token_indices
-from usp_npu.testing.cases import DTYPES, TOLERANCES, AttentionCase, full_inputs, run_shards
+from usp_npu.testing.cases import (
+    DTYPES,
+    TOLERANCES,
+    AttentionCase,
+    full_inputs,
+    relative_error,
+    run_shards,
+)
 
 
 def _demo_parser(sub) -> None:
@@ -169,8 +176,7 @@ def _report(case: AttentionCase, results: list[dict], where: str) -> int:
         )
         for name, got, full in zip(errors, res["got"], ref, strict=True):
             want = full.index_select(0, idx)
-            err = ((got.double() - want).abs().max() / want.abs().max().clamp_min(1.0)).item()
-            errors[name] = max(errors[name], err)
+            errors[name] = max(errors[name], relative_error(got, want))
     tol = TOLERANCES[case.dtype]
     fwd = max(r["forward_s"] for r in results) * 1e3
     bwd = max(r["backward_s"] for r in results) * 1e3

@@ -84,7 +84,8 @@ def full_inputs(case: AttentionCase):
     return q, k, v, dout, mask
 
 
-def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """``max|got - ref| / max(1, max|ref|)``, in float64: the measure every tolerance applies to."""
     return ((got.double() - ref).abs().max() / ref.abs().max().clamp_min(1.0)).item()
 
 
@@ -163,7 +164,7 @@ def _check_attention(case: AttentionCase, repeats: int) -> dict:
         (name, g, split_sequence(r, 0, mesh))
         for name, g, r in zip(("out", "dq", "dk", "dv"), res.pop("got"), refs, strict=True)
     ]
-    res["errors"] = {name: _rel_err(g, r) for name, g, r in pairs}
+    res["errors"] = {name: relative_error(g, r) for name, g, r in pairs}
     # root-mean-square error over this rank's shard, relative to the reference's RMS
     res["rms_errors"] = {
         name: (

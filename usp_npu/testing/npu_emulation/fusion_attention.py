@@ -1,65 +1,13 @@
-"""A CPU emulation of the torch_npu attention ops, to stand in for ``torch_npu`` in tests.
-
-No machine in CI has an Ascend NPU, and ``import torch_npu`` without the CANN toolkit breaks
-``import torch`` itself. This module re-implements in plain torch, on the CPU, the documented
-contract (torch_npu 2.14 schemas) of ``npu_fusion_attention``, ``npu_fusion_attention_grad``
-and ``npu_ring_attention_update``, as a module object that :func:`install` /
-:func:`emulated_torch_npu` put in ``sys.modules["torch_npu"]``. Tensors stay on the CPU: nothing
-pretends that an ``npu`` device exists; the module carries ``__version__ = "2.14.0-emulated"``.
-
-Layouts (``head_num`` = query heads N; K/V may have fewer heads, GQA, head ``h`` of the query
-uses K/V head ``h // (N / Nkv)``):
-
-- ``BSH`` ``[B, S, N*D]``, ``SBH`` ``[S, B, N*D]``, ``BSND`` ``[B, S, N, D]``,
-  ``BNSD`` ``[B, N, S, D]``: statistics ``[B, N, Sq, 8]``.
-- ``TND`` ``[T, N, D]`` with ``actual_seq_qlen`` / ``actual_seq_kvlen``: cumulative document
-  lengths WITHOUT a leading 0 (python ints; trailing zeros = documents that do not take part);
-  attention is per document. Statistics ``[T, N, 8]``: by default stored per document
-  head-major (document after document, each ``(N, s_doc, 8)``), or token-major with
-  ``softmax_layout="TND"``.
-
-Masks (``atten_mask`` bool/uint8, True = masked out; ``None`` = full attention whatever
-``sparse_mode``/``pre_tockens``/``next_tockens`` say, as on the device):
-``sparse_mode`` 0: the given mask AND the band ``-pre <= j - i <= next`` (top-left anchored);
-1: the given mask as is; 2: causal anchored top-left; 3: causal anchored bottom-right;
-4: the band anchored bottom-right. Modes 2-4 take only the compressed 2048x2048
-``triu(diagonal=1)`` mask (bool or uint8) and reject any other. For TND the modes apply per
-document and a 0/1 mask ``[maxSq, maxSkv]`` is cut to ``[:sq_doc, :skv_doc]``. Prefix
-(5, 6) and varlen-split (7, 8) modes, ``pse``, ``prefix`` and ``padding_mask`` are not emulated.
-
-Choices where the emulation cannot copy the device:
-
-- Precision: fp32 for fp16/bf16/fp32 inputs (statistics fp32). fp64 inputs, which the device
-  rejects, are accepted so that tests can compare tightly; they keep fp64 statistics.
-- Rows that see no key: ``out = 0``, ``softmax_max = -inf``, ``softmax_sum = 0`` (the convention
-  of ``usp_npu.kernels.base``), never NaN. (The device, with invalid-row handling on, reports
-  the finite pair ``(finfo.min, finfo.max)``; both merge to the same result.)
-- Dropout (``keep_prob < 1``): ``P * keep / keep_prob``, the keep mask a flat vector of
-  ``numels`` Bernoulli(keep_prob) draws laid out ``[B, N, Sq, Skv]`` (TND: ``[N, sq, skv]`` per
-  document) from a CPU generator seeded by a mix of ``(seed, offset)``
-  (:func:`dropout_keep_mask`). ``seed = torch.initial_seed()``; ``offset`` advances by
-  ``numels`` per call and restarts when the seed changes or on :func:`reset_dropout_state`.
-- The grad uses the ``softmax_max``/``softmax_sum``/``attention_in`` it is GIVEN, as the device
-  does (``P = exp(s - max) / sum``, ``D = rowsum(dy * attention_in)``): wrong ones, wrong grads.
-"""
+"""Emulated ``npu_fusion_attention`` and ``npu_fusion_attention_grad`` (see the package docstring
+for the layouts, masks and the choices where the emulation cannot copy the device)."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import itertools
-import sys
-import types
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-
-__all__ = [  # noqa: RUF022 -- grouped: constants, installation, ops, dropout helpers
-    "EMULATED_VERSION", "emulated_torch_npu", "install", "make_module", "uninstall",
-    "npu_fusion_attention", "npu_fusion_attention_grad", "npu_ring_attention_update",
-    "dropout_keep_mask", "reset_dropout_state",
-]  # fmt: skip
 
 EMULATED_VERSION = "2.14.0-emulated"
 _INT_MAX = 2147483647
@@ -505,108 +453,3 @@ def npu_fusion_attention_grad(
         )  # fmt: skip
     grads = (dq.to(query.dtype), dk.to(key.dtype), dv.to(value.dtype))
     return (*(_from_c(g, input_layout) for g in grads), query.new_empty(0))
-
-
-def _prefix_sums(cum: object, t: int) -> list[tuple[int, int]]:
-    if cum is None:
-        raise ValueError("TND with input_softmax_layout='' needs actual_seq_qlen")
-    vals = [int(c) for c in (cum.tolist() if isinstance(cum, torch.Tensor) else cum)]
-    pairs = list(itertools.pairwise(vals))
-    if not vals or vals[0] != 0 or any(x > y for x, y in pairs) or vals[-1] > t:
-        raise ValueError(f"actual_seq_qlen must be prefix sums from 0 up to T={t}: {vals}")
-    return _segments(pairs, t)
-
-
-# fmt: off
-def npu_ring_attention_update(
-    prev_attn_out: torch.Tensor, prev_softmax_max: torch.Tensor, prev_softmax_sum: torch.Tensor,
-    cur_attn_out: torch.Tensor, cur_softmax_max: torch.Tensor, cur_softmax_sum: torch.Tensor, *,
-    actual_seq_qlen: torch.Tensor | Sequence[int] | None = None, input_layout: str = "SBH",
-    input_softmax_layout: str = "",
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    # fmt: on
-    """Emulated ``torch_npu.npu_ring_attention_update``: merge two partial attention results.
-
-    ``m = max(m_p, m_c); a = l_p e^(m_p - m); b = l_c e^(m_c - m); l = a + b;
-    O = O_p a / l + O_c b / l``, in the statistics dtype. SBH: attn ``[S, B, H]``, stats
-    ``[B, N, S, 8]``. TND: attn ``[T, N, D]``, stats ``[T, N, 8]``, per document head-major
-    (``input_softmax_layout=""``, needs ``actual_seq_qlen``: int64 prefix sums starting at 0)
-    or token-major (``"TND"``). A row with ``-inf`` max on both sides stays ``(0, -inf, 0)``.
-    """
-    if input_layout not in ("SBH", "TND") or input_softmax_layout not in ("", "TND"):
-        raise ValueError(
-            f"input_layout must be 'SBH' or 'TND' and input_softmax_layout '' or 'TND'; got "
-            f"{input_layout!r}, {input_softmax_layout!r}"
-        )
-    if prev_attn_out.shape != cur_attn_out.shape or prev_attn_out.dim() != 3:
-        raise ValueError(f"attn_out shapes must be equal and 3-D: {tuple(prev_attn_out.shape)}")
-    stats = (prev_softmax_max, prev_softmax_sum, cur_softmax_max, cur_softmax_sum)
-    if any(s.shape != prev_softmax_max.shape for s in stats) or stats[0].shape[-1] != _LANES:
-        raise ValueError(f"the four statistics must share one shape ending in {_LANES}")
-    m = torch.maximum(prev_softmax_max, cur_softmax_max)
-    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    a = prev_softmax_sum * torch.exp(prev_softmax_max - m_safe)
-    b = cur_softmax_sum * torch.exp(cur_softmax_max - m_safe)
-    total = a + b
-    inv = torch.where(total > 0, 1.0 / total, torch.zeros_like(total))
-    x, n = prev_attn_out.shape, prev_softmax_max.shape[1]
-    if input_layout == "SBH":
-        if prev_softmax_max.dim() != 4 or prev_softmax_max.shape[::2] != (x[1], x[0]) or x[2] % n:
-            raise ValueError(f"SBH stats {tuple(prev_softmax_max.shape)} do not fit attn {x}")
-        wa, wb = ((w * inv)[..., 0].permute(2, 0, 1).unsqueeze(-1) for w in (a, b))
-        shape4 = (x[0], x[1], n, x[2] // n)  # [S, B, N, D]; weights [S, B, N, 1]
-    else:
-        if prev_softmax_max.dim() != 3 or prev_softmax_max.shape[:2] != x[:2]:
-            raise ValueError(f"TND stats {tuple(prev_softmax_max.shape)} do not fit attn {x}")
-        segs = [(0, x[0])] if input_softmax_layout == "TND" else _prefix_sums(actual_seq_qlen, x[0])
-        wa, wb = (_unpack_tnd(w * inv, segs, input_softmax_layout).unsqueeze(-1) for w in (a, b))
-        shape4 = x  # weights [T, N, 1]
-    prev4, cur4 = (t.reshape(shape4).to(wa.dtype) for t in (prev_attn_out, cur_attn_out))
-    out = (prev4 * wa + cur4 * wb).reshape(x).to(prev_attn_out.dtype)
-    return out, m, total
-
-
-# ----------------------------------------------------------------------------- installation
-
-
-def make_module() -> types.ModuleType:
-    """A fresh module object named ``torch_npu`` that carries the emulated ops."""
-    mod = types.ModuleType("torch_npu", "CPU emulation of torch_npu attention ops (usp_npu).")
-    mod.__version__ = EMULATED_VERSION
-    mod.npu_fusion_attention = npu_fusion_attention
-    mod.npu_fusion_attention_grad = npu_fusion_attention_grad
-    mod.npu_ring_attention_update = npu_ring_attention_update
-    mod.USP_NPU_EMULATED = True
-    return mod
-
-
-_saved: list[types.ModuleType | None] = []
-
-
-def install() -> types.ModuleType:
-    """Put a fresh emulation in ``sys.modules["torch_npu"]`` and return it (nests)."""
-    _saved.append(sys.modules.get("torch_npu"))
-    mod = make_module()
-    sys.modules["torch_npu"] = mod
-    return mod
-
-
-def uninstall() -> None:
-    """Undo the latest :func:`install`: restore whatever ``sys.modules["torch_npu"]`` held."""
-    if not _saved:
-        raise RuntimeError("npu_emulation.uninstall() without a matching install()")
-    previous = _saved.pop()
-    if previous is None:
-        sys.modules.pop("torch_npu", None)
-    else:
-        sys.modules["torch_npu"] = previous
-
-
-@contextlib.contextmanager
-def emulated_torch_npu() -> Iterator[types.ModuleType]:
-    """``with emulated_torch_npu() as torch_npu:`` -- the emulation imports as ``torch_npu``."""
-    mod = install()
-    try:
-        yield mod
-    finally:
-        uninstall()
