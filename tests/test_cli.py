@@ -9,18 +9,14 @@ model; its timings are not asserted.
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from usp_npu import cli
 from usp_npu.testing.cases import AttentionCase, run_shards
+from usp_npu.testing.launcher import run_torchrun
 
-ROOT = Path(__file__).resolve().parents[1]
 ERRORS = re.compile(r"out (\S+), dq (\S+), dk (\S+), dv (\S+)\s+\(tolerance (\S+)\)")
 SMALL = ["--seq-length", "64", "--num-attention-heads", "4", "--head-dim", "16"]
 
@@ -48,13 +44,7 @@ def test_demo_hybrid_general_mask_matches(capsys):
 
 def test_demo_under_torchrun():
     """One rank per torchrun process; rank 0 alone reports."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-        "-m", "usp_npu.cli", "demo", *SMALL,
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+    proc = run_torchrun(2, "-m", "usp_npu.cli", "demo", *SMALL)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     assert proc.stdout.count("usp-npu demo: 2 ranks (torchrun, gloo), ulysses_cp_algo") == 1
     errors, tol = demo_errors(proc.stdout)

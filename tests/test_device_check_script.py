@@ -7,31 +7,22 @@ Small shapes; the time goes into starting torchrun and its ranks (importing torc
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
+
+from usp_npu.testing.launcher import run_torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "npu" / "check_on_device.py"
 SUMMARY = re.compile(r"^usp_npu device check: (FAILED: )?(\d+)/(\d+) configs passed on (.*)$", re.M)
 
 
-def torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
-    """``torchrun --standalone`` the script on ``nproc`` CPU ranks, one thread each."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc-per-node={nproc}", str(SCRIPT), *args,
-    ]  # fmt: skip
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
-
-
 def run_check(nproc: int, *extra: str) -> tuple[subprocess.CompletedProcess, re.Match]:
     """The emulated check with small shapes; returns the process and its one summary line."""
-    proc = torchrun(nproc, "--emulate", "--seq", str(16 * nproc), "--head-dim", "16", *extra)
+    proc = run_torchrun(
+        nproc, str(SCRIPT), "--emulate", "--seq", str(16 * nproc), "--head-dim", "16", *extra
+    )
     summaries = SUMMARY.findall(proc.stdout)
     assert len(summaries) == 1, f"want one summary line:\n{proc.stdout}\n{proc.stderr[-3000:]}"
     return proc, SUMMARY.search(proc.stdout)

@@ -12,16 +12,33 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
+import subprocess
+import sys
 import tempfile
 import time
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 
 class RankFailure(RuntimeError):
     """A distributed call failed on at least one rank."""
+
+
+def run_torchrun(nproc: int, *target: str, timeout_s: float = 120.0) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc-per-node=nproc TARGET...`` on CPU ranks, one thread each.
+
+    ``target`` is a script path or ``-m module`` with its arguments. The children import this
+    same ``usp_npu`` (its source root goes first on PYTHONPATH); stdout and stderr are captured.
+    """
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    cmd += [f"--nproc-per-node={nproc}", *target]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env, cwd=root)
 
 
 def _worker(rank: int, world_size: int, init_file: str, timeout_s: float, tasks, results) -> None:
