@@ -14,6 +14,7 @@ from usp_npu.algorithms.usp import usp_attention
 from usp_npu.comm.stats import CommStats
 from usp_npu.kernels import select_kernel
 from usp_npu.layouts import check_layout, from_canonical, to_canonical
+from usp_npu.packing import CuSeqlens, check_split, normalize_cu_seqlens
 from usp_npu.parallel_state import ContextParallelMesh, get_mesh
 
 
@@ -70,6 +71,28 @@ def _check_against_mesh(qc, kc, mesh: ContextParallelMesh, attention_mask) -> No
         raise ValueError(f"attention_mask is on {attention_mask.device}, q on {qc.device}")
 
 
+def _check_packed(
+    qc, mesh: ContextParallelMesh, cu_seqlens, attention_mask, layout: str
+) -> tuple[int, ...] | None:
+    """Validated ``cu_seqlens`` (a tuple of ints) or None; TND alone means one document."""
+    if cu_seqlens is None:
+        return None
+    if attention_mask is not None:
+        raise ValueError(
+            "cu_seqlens and attention_mask were both given: pass one of them (cu_seqlens "
+            "already restricts attention to each document; drop attention_mask)"
+        )
+    if qc.shape[1] != 1:
+        raise ValueError(
+            f"cu_seqlens needs batch 1 (one packed sequence), got batch {qc.shape[1]} in layout "
+            f"{layout}: pack the batch into one sequence, or use layout='TND'"
+        )
+    cfg = mesh.config
+    cu = normalize_cu_seqlens(cu_seqlens, qc.shape[0] * mesh.cp_size)
+    check_split(cu, cfg.ulysses_degree, cfg.ring_degree, cfg.causal)
+    return cu
+
+
 def context_parallel_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -78,6 +101,7 @@ def context_parallel_attention(
     softmax_scale: float | None = None,
     head_dim: int | None = None,
     attention_mask: torch.Tensor | None = None,
+    cu_seqlens: CuSeqlens | None = None,
     *,
     dropout_p: float = 0.0,
     mesh: ContextParallelMesh | None = None,
@@ -86,13 +110,19 @@ def context_parallel_attention(
     """Attention over the whole CP group's sequence, from and to this rank's shards.
 
     Args:
-        q: local queries in ``layout``: ``BSND`` ``[B, L, Nq, D]``, ``BNSD`` ``[B, Nq, L, D]`` or
-            ``SBH`` ``[L, B, Nq * D]`` (``head_dim`` required), L = this rank's tokens as laid
-            out by :func:`usp_npu.split_sequence`; Nq = this tensor-parallel rank's heads.
+        q: local queries in ``layout``: ``BSND`` ``[B, L, Nq, D]``, ``BNSD`` ``[B, Nq, L, D]``,
+            ``SBH`` ``[L, B, Nq * D]`` (``head_dim`` required) or ``TND`` ``[L, Nq, D]`` (one
+            packed sequence), L = this rank's tokens as laid out by
+            :func:`usp_npu.split_sequence`; Nq = this tensor-parallel rank's heads.
         k, v: local keys/values, same layout, ``Nkv`` heads (``Nq % Nkv == 0``: GQA/MQA).
         softmax_scale: defaults to ``1 / sqrt(head_dim)``.
         attention_mask: general mask type only: bool ``[S, S]`` over the full sequence,
             True = masked (torch_npu convention). Causal comes from the config.
+        cu_seqlens: packed sequences: cumulative document lengths of the FULL sequence (leading
+            0, last = S, strictly increasing; list of ints or 1-D integer tensor), the same on
+            every rank; attention stays inside each document (causal inside it for the causal
+            mask type, full for general). Batch must be 1 (or layout ``TND``); the shards must
+            come from ``split_sequence(x, seq_dim, cu_seqlens)``. See ``docs/packed.md``.
         dropout_p: attention dropout; needs the npu backend, whose blocks replay their dropout
             mask (seed, offset) in the backward.
         mesh: defaults to the mesh of :func:`usp_npu.initialize_context_parallel`.
@@ -103,6 +133,7 @@ def context_parallel_attention(
     """
     qc, kc, vc = _check_inputs(q, k, v, layout, head_dim)
     mesh = mesh or get_mesh()
+    cu = _check_packed(qc, mesh, cu_seqlens, attention_mask, layout)
     _check_against_mesh(qc, kc, mesh, attention_mask)
     cfg = mesh.config
     scale = qc.shape[3] ** -0.5 if softmax_scale is None else float(softmax_scale)
@@ -127,6 +158,7 @@ def context_parallel_attention(
         merge=merge,
         mask=attention_mask,
         stats=comm_stats,
+        cu_seqlens=cu,
     )
     return from_canonical(out, layout)
 
@@ -134,8 +166,8 @@ def context_parallel_attention(
 class USPAttention(nn.Module):
     """Context-parallel core attention as a module (no parameters).
 
-    ``forward(q, k, v, attention_mask=None)`` takes and returns local shards in ``layout``; see
-    :func:`context_parallel_attention`. ``mesh=None`` uses the current mesh at call time.
+    ``forward(q, k, v, attention_mask=None, cu_seqlens=None)`` takes and returns local shards in
+    ``layout``; see :func:`context_parallel_attention` (``cu_seqlens``: packed sequences). ``mesh=None`` uses the current mesh at call time.
     """
 
     def __init__(
@@ -154,9 +186,16 @@ class USPAttention(nn.Module):
         self.mesh, self.dropout_p = mesh, dropout_p
         self.comm_stats: CommStats | None = None
 
-    def forward(self, q, k, v, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cu_seqlens: CuSeqlens | None = None,
+    ) -> torch.Tensor:
         return context_parallel_attention(
-            q, k, v, self.layout, self.softmax_scale, self.head_dim, attention_mask,
+            q, k, v, self.layout, self.softmax_scale, self.head_dim, attention_mask, cu_seqlens,
             dropout_p=self.dropout_p if self.training else 0.0,
             mesh=self.mesh, comm_stats=self.comm_stats,
         )  # fmt: skip

@@ -4,17 +4,18 @@ Internally every algorithm works on ``[S, B, N, D]`` ("SBND"): the sequence firs
 halves and Ulysses pieces are contiguous slices and ``reshape(S, B, N * D)`` is torch_npu's SBH.
 
 Public layouts (torch_npu names): ``SBH`` = ``[S, B, N * D]`` (needs ``head_dim``), ``BSND`` =
-``[B, S, N, D]``, ``BNSD`` = ``[B, N, S, D]``.
+``[B, S, N, D]``, ``BNSD`` = ``[B, N, S, D]``, ``TND`` = ``[T, N, D]`` (one packed sequence of T
+tokens, flash-attn varlen / torch_npu TND; canonically ``[T, 1, N, D]``).
 """
 
 from __future__ import annotations
 
 import torch
 
-LAYOUTS = ("SBH", "BSND", "BNSD")
+LAYOUTS = ("SBH", "BSND", "BNSD", "TND")
 _TO_CANONICAL = {"BSND": (1, 0, 2, 3), "BNSD": (2, 0, 1, 3)}
 _FROM_CANONICAL = {"BSND": (1, 0, 2, 3), "BNSD": (1, 2, 0, 3)}
-SEQ_DIM = {"SBH": 0, "BSND": 1, "BNSD": 2}
+SEQ_DIM = {"SBH": 0, "BSND": 1, "BNSD": 2, "TND": 0}
 
 
 def check_layout(layout: str) -> None:
@@ -33,6 +34,12 @@ def to_canonical(x: torch.Tensor, layout: str, head_dim: int | None = None) -> t
         if x.shape[2] % head_dim:
             raise ValueError(f"hidden size {x.shape[2]} is not a multiple of head_dim {head_dim}")
         return x.view(x.shape[0], x.shape[1], x.shape[2] // head_dim, head_dim)
+    if layout == "TND":
+        if x.dim() != 3:
+            raise ValueError(f"layout TND expects [T, N, D] tensors, got shape {tuple(x.shape)}")
+        if head_dim is not None and x.shape[2] != head_dim:
+            raise ValueError(f"head_dim={head_dim} but the TND tensors have D = {x.shape[2]}")
+        return x.unsqueeze(1)
     if x.dim() != 4:
         raise ValueError(f"layout {layout} expects 4-D tensors, got shape {tuple(x.shape)}")
     if head_dim is not None and x.shape[3] != head_dim:
@@ -44,4 +51,6 @@ def from_canonical(x: torch.Tensor, layout: str) -> torch.Tensor:
     """``[S, B, N, D]`` back to ``layout`` (contiguous)."""
     if layout == "SBH":
         return x.reshape(x.shape[0], x.shape[1], x.shape[2] * x.shape[3])
+    if layout == "TND":
+        return x[:, 0].contiguous()
     return x.permute(*_FROM_CANONICAL[layout]).contiguous()

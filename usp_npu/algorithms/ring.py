@@ -45,6 +45,23 @@ def _accumulators(out, smax, ssum, acc_dtype):
     return fresh(out), fresh(smax), fresh(ssum)
 
 
+def _merge(merge: MergeFn, step: BlockStep, out, smax, ssum, o, m, s) -> None:
+    """Merge one step's ``(o, m, s)`` into the accumulators' rows ``step.q_rows``, in place."""
+    rows = step.q_rows
+    if step.cu_q is None:
+        merge(out[rows].flatten(2), smax[:, :, rows], ssum[:, :, rows], o.flatten(2), m, s)
+        return
+    # Packed (batch 1): the TND merge, attn [T, N, D] and token-major stats [T, N, K] (views of
+    # the [1, N, T, K] accumulators), with the step's per-document prefix sums.
+    acc = (out[rows][:, 0], smax[0, :, rows].transpose(0, 1), ssum[0, :, rows].transpose(0, 1))
+    seq = torch.tensor(step.cu_q, dtype=torch.int64, device=out.device)
+    cur = (o[:, 0], m[0].transpose(0, 1), s[0].transpose(0, 1))
+    merge(*acc, *cur, actual_seq_qlen=seq, input_layout="TND")
+    if not isinstance(rows, slice):  # gathered rows were merged in a copy: write them back
+        out[rows] = acc[0].unsqueeze(1)
+        smax[0, :, rows], ssum[0, :, rows] = acc[1].transpose(0, 1), acc[2].transpose(0, 1)
+
+
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan: RingPlan):
@@ -54,23 +71,23 @@ class _RingAttention(torch.autograd.Function):
         rng_states = []
         for t, step in enumerate(steps):
             pending = plan.exchange.start(kv, "ring_kv") if t + 1 < len(steps) else None
-            o, m, s, rng = kernel.forward(
-                q[step.q_rows],
-                kv[0][step.kv_rows],
-                kv[1][step.kv_rows],
-                scale=plan.scale,
-                mask=step.mask,
-            )
+            rng = None
+            if not step.empty:  # a packed general step may pair no document at all
+                o, m, s, rng = kernel.forward(
+                    q[step.q_rows],
+                    kv[0][step.kv_rows],
+                    kv[1][step.kv_rows],
+                    scale=plan.scale,
+                    mask=step.mask,
+                    **step.varlen(),
+                )
             rng_states.append(rng)
             if len(steps) == 1:
                 out, smax, ssum = o, m, s
             elif t == 0:  # the own block covers every query row
                 out, smax, ssum = _accumulators(o, m, s, acc_dtype)
-            else:
-                rows = step.q_rows
-                plan.merge(
-                    out[rows].flatten(2), smax[:, :, rows], ssum[:, :, rows], o.flatten(2), m, s
-                )
+            elif not step.empty:
+                _merge(plan.merge, step, out, smax, ssum, o, m, s)
             if pending is not None:
                 kv = pending.wait()
         out = out.to(q.dtype)
@@ -97,6 +114,7 @@ class _RingAttention(torch.autograd.Function):
                 scale=plan.scale,
                 mask=step.mask,
                 rng_state=ctx.rng_states[0],
+                **step.varlen(),
             )
             return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
 
@@ -106,27 +124,30 @@ class _RingAttention(torch.autograd.Function):
         for t, step in enumerate(steps):
             pending_kv = plan.exchange.start(kv, "ring_kv") if t + 1 < len(steps) else None
             rows = step.q_rows
-            dq_c, dk_c, dv_c = plan.kernel.backward(
-                dout[rows],
-                q[rows],
-                kv[0][step.kv_rows],
-                kv[1][step.kv_rows],
-                out[rows],
-                smax[:, :, rows],
-                ssum[:, :, rows],
-                scale=plan.scale,
-                mask=step.mask,
-                rng_state=ctx.rng_states[t],
-            )
-            dq[rows] += dq_c
+            if not step.empty:
+                dq_c, dk_c, dv_c = plan.kernel.backward(
+                    dout[rows],
+                    q[rows],
+                    kv[0][step.kv_rows],
+                    kv[1][step.kv_rows],
+                    out[rows],
+                    smax[:, :, rows],
+                    ssum[:, :, rows],
+                    scale=plan.scale,
+                    mask=step.mask,
+                    rng_state=ctx.rng_states[t],
+                    **step.varlen(),
+                )
+                dq[rows] += dq_c  # index tensors (packed rows) are unique: += is exact
             if t == 0:
                 dkv = home = torch.zeros(kv.shape, dtype=acc_dtype, device=kv.device)
             elif travelling is None:  # step 1 starts the accumulator of the block it holds
                 dkv = torch.zeros(kv.shape, dtype=acc_dtype, device=kv.device)
             else:  # the accumulator of this block, from the rank that held it one step ago
                 dkv = travelling.wait()
-            dkv[0, step.kv_rows] += dk_c
-            dkv[1, step.kv_rows] += dv_c
+            if not step.empty:
+                dkv[0, step.kv_rows] += dk_c
+                dkv[1, step.kv_rows] += dv_c
             if t > 0:
                 travelling = plan.exchange.start(dkv, "ring_dkv")
             if pending_kv is not None:

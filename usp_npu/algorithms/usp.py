@@ -28,6 +28,7 @@ def usp_attention(
     mask: torch.Tensor | None = None,
     stats: CommStats | None = None,
     blocking_comm: bool = False,
+    cu_seqlens: tuple[int, ...] | None = None,
 ) -> torch.Tensor:
     """Context-parallel attention of this rank's shards, canonical layout.
 
@@ -42,7 +43,9 @@ def usp_attention(
         # scatter heads, gather the ring rank's sequence: one all-to-all for q, k and v
         k, v = replicate_kv_heads(k, u), replicate_kv_heads(v, u)
         q, k, v = heads_to_sequence([q, k, v], mesh.ulysses_group, stats)
-    steps = ring_schedule(mesh.ring_rank, mesh.ring_size, q.shape[0], mesh.config.causal, mask)
+    steps = ring_schedule(
+        mesh.ring_rank, mesh.ring_size, q.shape[0], mesh.config.causal, mask, cu_seqlens, q.device
+    )
     exchange = RingExchange(mesh, stats, blocking_comm) if mesh.ring_size > 1 else None
     out = ring_attention(q, k, v, RingPlan(steps, kernel, scale, merge, exchange))
     if u > 1:

@@ -15,6 +15,13 @@ Shapes, for a block of ``sq`` query rows and ``sk`` key rows:
   ``exp(x - max)``; a kernel that only knows the log-sum-exp reports ``(lse, 1)``.
   A row that sees no key at all has ``max = -inf`` and ``sum = 0`` and an output of zeros.
 
+Packed sequences: ``forward``/``backward`` also take ``cu_seqlens_q``/``cu_seqlens_kv`` (keyword,
+default None): cumulative per-document lengths (leading 0, last = ``sq`` / ``sk``) of the block's
+query and key rows, the same number of documents; document ``d`` is query rows
+``cu_seqlens_q[d]:cu_seqlens_q[d+1]`` against key rows ``cu_seqlens_kv[d]:cu_seqlens_kv[d+1]``
+only, ``mask`` (full or causal) applying inside each document (batch 1). Without them the kernel
+runs its plain path; a kernel may treat one document spanning the whole block as plain.
+
 ``forward`` also returns an opaque ``rng_state`` (None without dropout: kernels that support
 dropout, such as the NPU one, put the seed/offset/numels of the block there) which the caller
 keeps per block and hands back to ``backward`` so the same dropout mask is replayed.
@@ -26,6 +33,8 @@ merged statistics of each query row (over every block of the ring), so that the 
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -65,7 +74,15 @@ class BlockKernel(Protocol):
     stat_lanes: int
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, mask: BlockMask
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        scale: float,
+        mask: BlockMask,
+        cu_seqlens_q: Sequence[int] | None = None,
+        cu_seqlens_kv: Sequence[int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, object]:
         """Return ``(out, softmax_max, softmax_sum, rng_state)`` for this block."""
         ...
@@ -83,6 +100,8 @@ class BlockKernel(Protocol):
         scale: float,
         mask: BlockMask,
         rng_state: object = None,
+        cu_seqlens_q: Sequence[int] | None = None,
+        cu_seqlens_kv: Sequence[int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return ``(dq, dk, dv)`` of this block given the final ``out`` and statistics.
 
@@ -110,3 +129,34 @@ def check_block_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Non
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree on batch or head_dim")
     if q.shape[2] % k.shape[2] != 0:
         raise ValueError(f"query heads {q.shape[2]} not a multiple of key/value heads {k.shape[2]}")
+
+
+def documents(
+    cu_q: Sequence[int] | None, cu_kv: Sequence[int] | None, sq: int, sk: int
+) -> list[tuple[slice, slice]] | None:
+    """Per-document ``(query rows, key rows)`` of a varlen block, or None for a plain block.
+
+    None also when one document spans the whole block, so that such a call takes exactly the
+    plain path (a single packed document gives bit-identical results to an unpacked one).
+    Raises ValueError when the lists do not describe the block.
+    """
+    if cu_q is None and cu_kv is None:
+        return None
+    if cu_q is None or cu_kv is None or len(cu_q) != len(cu_kv) or len(cu_q) < 2:
+        raise ValueError(
+            f"cu_seqlens_q {cu_q} and cu_seqlens_kv {cu_kv} must both be given, with the same "
+            "number of documents"
+        )
+    if cu_q[0] != 0 or cu_kv[0] != 0 or cu_q[-1] != sq or cu_kv[-1] != sk:
+        raise ValueError(
+            f"cu_seqlens_q {list(cu_q)} / cu_seqlens_kv {list(cu_kv)} must run from 0 to the "
+            f"block's {sq} query / {sk} key rows"
+        )
+    if len(cu_q) == 2:
+        return None
+    return [
+        (slice(qa, qb), slice(ka, kb))
+        for (qa, qb), (ka, kb) in zip(
+            itertools.pairwise(cu_q), itertools.pairwise(cu_kv), strict=True
+        )
+    ]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from usp_npu.kernels.base import BlockMask, check_block_shapes, stats_dtype
+from usp_npu.kernels.base import BlockMask, check_block_shapes, documents, stats_dtype
 
 
 def _query_groups(x: torch.Tensor, nkv: int, dtype: torch.dtype) -> torch.Tensor:
@@ -25,8 +25,25 @@ def _grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dtype: torch.dty
     return qg, kg, vg
 
 
-def _hidden(mask: BlockMask, sq: int, sk: int, device: torch.device) -> torch.Tensor | None:
-    """Bool [sq, sk], True = masked, or None for full attention."""
+def _hidden(
+    mask: BlockMask, sq: int, sk: int, device: torch.device, cu_q=None, cu_kv=None
+) -> torch.Tensor | None:
+    """Bool [sq, sk], True = masked, or None for full attention.
+
+    Packed (``cu_q``/``cu_kv``): block-diagonal, ``mask`` applying inside each document. This
+    kernel materialises the scores anyway, so the mask costs nothing extra here.
+    """
+    docs = documents(cu_q, cu_kv, sq, sk)
+    if docs is not None:
+        if mask.mask is not None:
+            raise ValueError("a packed block takes a causal or full mask, not an explicit one")
+        hidden = torch.ones(sq, sk, dtype=torch.bool, device=device)
+        for qs, ks in docs:
+            inside = torch.zeros(
+                qs.stop - qs.start, ks.stop - ks.start, dtype=torch.bool, device=device
+            )
+            hidden[qs, ks] = inside.fill_(True).triu(1) if mask.causal else inside
+        return hidden
     if mask.causal:
         return torch.ones(sq, sk, dtype=torch.bool, device=device).triu(1)
     return mask.mask
@@ -49,11 +66,14 @@ class ReferenceBlockKernel:
     name = "reference"
     stat_lanes = 1
 
-    def forward(self, q, k, v, *, scale: float, mask: BlockMask):
+    def forward(
+        self, q, k, v, *, scale: float, mask: BlockMask, cu_seqlens_q=None, cu_seqlens_kv=None
+    ):
         check_block_shapes(q, k, v)
         acc = stats_dtype(q.dtype)
         qg, kg, vg = _grouped(q, k, v, acc)
-        scores = _scores(qg, kg, scale, _hidden(mask, q.shape[0], k.shape[0], q.device))
+        hidden = _hidden(mask, q.shape[0], k.shape[0], q.device, cu_seqlens_q, cu_seqlens_kv)
+        scores = _scores(qg, kg, scale, hidden)
         row_max = scores.amax(-1, keepdim=True)
         # rows that see no key: max = -inf, sum = 0, out = 0 (never NaN)
         shift = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
@@ -70,7 +90,20 @@ class ReferenceBlockKernel:
         )
 
     def backward(
-        self, dout, q, k, v, out, softmax_max, softmax_sum, *, scale, mask, rng_state=None
+        self,
+        dout,
+        q,
+        k,
+        v,
+        out,
+        softmax_max,
+        softmax_sum,
+        *,
+        scale,
+        mask,
+        rng_state=None,
+        cu_seqlens_q=None,
+        cu_seqlens_kv=None,
     ):
         check_block_shapes(q, k, v)
         acc = stats_dtype(q.dtype)
@@ -80,7 +113,8 @@ class ReferenceBlockKernel:
         b, nkv, g, sq, _ = qg.shape
         m = softmax_max[..., :1].to(acc).reshape(b, nkv, g, sq, 1)
         s = softmax_sum[..., :1].to(acc).reshape(b, nkv, g, sq, 1)
-        scores = _scores(qg, kg, scale, _hidden(mask, q.shape[0], k.shape[0], q.device))
+        hidden = _hidden(mask, q.shape[0], k.shape[0], q.device, cu_seqlens_q, cu_seqlens_kv)
+        scores = _scores(qg, kg, scale, hidden)
         m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
         p = torch.exp(scores - m) / torch.where(s > 0, s, torch.ones_like(s))
         dv = (p.transpose(-1, -2) @ dog).sum(2, keepdim=True)

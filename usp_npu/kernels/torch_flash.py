@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from usp_npu.kernels.base import BlockMask, check_block_shapes
+from usp_npu.kernels.base import BlockMask, check_block_shapes, documents
 
 _aten = torch.ops.aten
 
@@ -42,15 +42,23 @@ class TorchBlockKernel:
     name = "torch"
     stat_lanes = 1
 
-    def forward(self, q, k, v, *, scale: float, mask: BlockMask):
+    def forward(
+        self, q, k, v, *, scale: float, mask: BlockMask, cu_seqlens_q=None, cu_seqlens_kv=None
+    ):
         check_block_shapes(q, k, v)
-        if q.device.type == "cuda":
-            out, lse = self._cuda_forward(q, k, v, scale, mask)
+        docs = documents(cu_seqlens_q, cu_seqlens_kv, q.shape[0], k.shape[0])
+        if docs is None:
+            out, lse = self._forward(q, k, v, scale, mask)
         else:
-            bias = None if mask.mask is None else _additive(mask.mask, q.dtype)
-            out, lse = _aten._scaled_dot_product_flash_attention_for_cpu(
-                _bnsd(q), _bnsd(k), _bnsd(v), 0.0, mask.causal, attn_mask=bias, scale=scale
-            )
+            # Packed: one flash call per document (never a mask over the whole block): the work
+            # is exactly the documents' (docs/packed.md compares it with a block-diagonal mask).
+            out = torch.empty_like(q)
+            lse = None
+            for qs, ks in docs:
+                o, l_doc = self._forward(q[qs], k[ks], v[ks], scale, mask)
+                if lse is None:
+                    lse = l_doc.new_empty(*l_doc.shape[:2], q.shape[0])
+                out[qs], lse[:, :, qs] = o, l_doc
         softmax_max = lse.unsqueeze(-1)
         softmax_sum = torch.ones_like(softmax_max)
         if mask.mask is not None:
@@ -59,14 +67,50 @@ class TorchBlockKernel:
             visible = (~mask.mask).any(-1).view(1, 1, -1, 1)
             softmax_max = torch.where(visible, softmax_max, float("-inf"))
             softmax_sum = visible.to(softmax_sum.dtype).expand_as(softmax_sum)
-        return _sbnd(out), softmax_max, softmax_sum, None
+        return out, softmax_max, softmax_sum, None
+
+    def _forward(self, q, k, v, scale, mask):
+        """(out [sq, B, N, D], lse [B, N, sq]) of one plain block."""
+        if q.device.type == "cuda":
+            out, lse = self._cuda_forward(q, k, v, scale, mask)
+        else:
+            bias = None if mask.mask is None else _additive(mask.mask, q.dtype)
+            out, lse = _aten._scaled_dot_product_flash_attention_for_cpu(
+                _bnsd(q), _bnsd(k), _bnsd(v), 0.0, mask.causal, attn_mask=bias, scale=scale
+            )
+        return _sbnd(out), lse
 
     def backward(
-        self, dout, q, k, v, out, softmax_max, softmax_sum, *, scale, mask, rng_state=None
+        self,
+        dout,
+        q,
+        k,
+        v,
+        out,
+        softmax_max,
+        softmax_sum,
+        *,
+        scale,
+        mask,
+        rng_state=None,
+        cu_seqlens_q=None,
+        cu_seqlens_kv=None,
     ):
         lse = softmax_max[..., 0] + torch.log(softmax_sum[..., 0])
         # A row with no visible key anywhere has lse = -inf; any finite value gives p = 0 there.
         lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)).contiguous()
+        docs = documents(cu_seqlens_q, cu_seqlens_kv, q.shape[0], k.shape[0])
+        if docs is None:
+            return self._backward(dout, q, k, v, out, lse, scale, mask, softmax_max.dtype)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        for qs, ks in docs:
+            dq[qs], dk[ks], dv[ks] = self._backward(
+                dout[qs], q[qs], k[ks], v[ks], out[qs], lse[:, :, qs].contiguous(), scale, mask,
+                softmax_max.dtype,
+            )  # fmt: skip
+        return dq, dk, dv
+
+    def _backward(self, dout, q, k, v, out, lse, scale, mask, lse_dtype):
         if q.device.type == "cuda":
             return self._cuda_backward(dout, q, k, v, out, lse, scale, mask)
         bias = None if mask.mask is None else _additive(mask.mask, q.dtype)
@@ -76,7 +120,7 @@ class TorchBlockKernel:
             _bnsd(k),
             _bnsd(v),
             _bnsd(out),
-            lse.to(softmax_max.dtype),
+            lse.to(lse_dtype),
             0.0,
             mask.causal,
             attn_mask=bias,

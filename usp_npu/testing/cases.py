@@ -54,6 +54,7 @@ class AttentionCase:
     emulate_npu: bool = False  # install the CPU emulation as torch_npu while the case runs
     fused_update: bool | None = None  # --use-fused-ring-attention-update (None = auto)
     seed: int = 0
+    cu_seqlens: tuple[int, ...] | None = None  # packed documents (batch 1), full sequence
 
     def config(self) -> ContextParallelConfig:
         return ContextParallelConfig(
@@ -78,6 +79,11 @@ def full_inputs(case: AttentionCase):
     v = torch.randn(s, b, nkv, d, generator=g, dtype=torch.float64)
     dout = torch.randn(s, b, n, d, generator=g, dtype=torch.float64)
     mask = None
+    if case.cu_seqlens is not None:  # documents: block-diagonal (the config adds causal)
+        doc = torch.zeros(s, dtype=torch.int64)
+        doc[list(case.cu_seqlens[1:-1])] = 1
+        doc = doc.cumsum(0)
+        mask = doc.view(s, 1) != doc.view(1, s)
     if case.mask == "random":
         mask = torch.rand(s, s, generator=g) < 0.4
         mask[s // 3] = True  # a query row that sees no key at all
@@ -93,9 +99,12 @@ def _run_cp(case: AttentionCase, mesh, inputs, repeats: int) -> dict:
     """CP attention forward + backward on this rank's shards of ``inputs`` (full, canonical)."""
     q, k, v, dout, mask = inputs
     dtype = DTYPES[case.dtype]
+    cu = case.cu_seqlens
+    if cu is not None:
+        mask = None  # the block-diagonal mask is the reference's; CP attention gets cu_seqlens
 
     def local(x):
-        return from_canonical(split_sequence(x, 0, mesh).to(dtype), case.layout)
+        return from_canonical(split_sequence(x, 0, cu, mesh=mesh).to(dtype), case.layout)
 
     stats = CommStats()
     for _ in range(max(repeats, 1)):
@@ -109,6 +118,7 @@ def _run_cp(case: AttentionCase, mesh, inputs, repeats: int) -> dict:
             case.layout,
             head_dim=case.head_dim,
             attention_mask=mask,
+            cu_seqlens=cu,
             mesh=mesh,
             comm_stats=stats,
         )
@@ -161,7 +171,7 @@ def _check_attention(case: AttentionCase, repeats: int) -> dict:
     refs = [ref.detach()] + [x.grad for x in leaves]
     res = _run_cp(case, mesh, inputs, repeats)
     pairs = [
-        (name, g, split_sequence(r, 0, mesh))
+        (name, g, split_sequence(r, 0, case.cu_seqlens, mesh=mesh))
         for name, g, r in zip(("out", "dq", "dk", "dv"), res.pop("got"), refs, strict=True)
     ]
     res["errors"] = {name: relative_error(g, r) for name, g, r in pairs}
