@@ -21,6 +21,16 @@ Masks (:class:`~usp_npu.kernels.base.BlockMask`):
   completely, ``inner_precise=2`` turns on the device's invalid-row handling, without which such
   a row is computed as if nothing were masked.
 
+Packed blocks (``cu_seqlens_q``/``cu_seqlens_kv``, several documents): the op runs in ``TND``
+(``[T, N, D]``, batch 1) with ``actual_seq_qlen``/``actual_seq_kvlen`` = the cumulative lengths
+WITHOUT the leading 0; causal = the compressed mask with ``sparse_mode=3`` (every document of an
+own block is square), full = no mask, ``sparse_mode=0``. The op's TND statistics ``[T, N, 8]`` are
+stored per document head-major (``(N, s_doc, 8)`` blocks one after the other: the default
+``softmax_layout``, which every TND-capable torch_npu has); this kernel converts them to the
+canonical ``[1, N, T, 8]`` (token-major per head) after the forward and back before the grad, so
+the ring's TND merge reads them token-major (``input_softmax_layout="TND"``). One document
+spanning the whole block takes the plain path above.
+
 Dropout: ``keep_prob < 1`` makes the op draw its mask from (seed, offset); the forward returns
 them as :class:`NpuRngState`, which the caller keeps per block and hands back to ``backward`` so
 the grad replays the same mask. The backward gets the FINAL output and statistics of the ring
@@ -31,12 +41,14 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import ModuleType
 
 import torch
 
-from usp_npu.kernels.base import BlockMask, check_block_shapes
+from usp_npu.kernels.base import BlockMask, check_block_shapes, documents
 
 __all__ = ["NpuBlockKernel", "NpuRngState"]
 
@@ -123,6 +135,13 @@ def _call(mod: ModuleType, name: str, *args, **kwargs):
         ) from exc
 
 
+def _tnd(x: torch.Tensor) -> torch.Tensor:
+    """Canonical ``[T, 1, N, D]`` (batch 1) -> the op's ``[T, N, D]``."""
+    if x.shape[1] != 1:
+        raise ValueError(f"a packed block needs batch 1, got shape {tuple(x.shape)}")
+    return x[:, 0].contiguous()
+
+
 def _causal_mask(device: torch.device) -> torch.Tensor:
     """The compressed causal mask of sparse modes 2/3, one per device."""
     key = (device.type, device.index)
@@ -204,22 +223,73 @@ class NpuBlockKernel:
                 "Ascend has no float64 attention (use `--attention-backend torch` for float64)"
             )
 
+    # -- packed (TND) blocks ------------------------------------------------------------------
+
+    @staticmethod
+    def _tnd_args(q, k, mask: BlockMask, cu_q, cu_kv) -> dict:
+        """Layout, document lengths and mask arguments of a packed block."""
+        if mask.mask is not None:
+            raise ValueError("a packed block takes a causal or full mask, not an explicit one")
+        args = {"actual_seq_qlen": [int(x) for x in cu_q[1:]]}
+        args["actual_seq_kvlen"] = [int(x) for x in cu_kv[1:]]
+        if mask.causal:
+            square = all(a == b for a, b in zip(cu_q, cu_kv, strict=True))
+            args.update(atten_mask=_causal_mask(q.device), sparse_mode=3 if square else 2)
+        else:
+            args.update(atten_mask=None, sparse_mode=0)
+        return args
+
+    @staticmethod
+    def _stats_to_canonical(x: torch.Tensor, cu: Sequence[int]) -> torch.Tensor:
+        """Op TND statistics (per document ``(N, s, 8)`` blocks) -> ``[1, N, T, 8]``."""
+        _, n, lanes = x.shape
+        flat, parts = x.reshape(-1), []
+        for a, b in itertools.pairwise(cu):
+            parts.append(flat[a * n * lanes : b * n * lanes].view(n, b - a, lanes))
+        return torch.cat(parts, dim=1).unsqueeze(0)
+
+    @staticmethod
+    def _stats_to_op(x: torch.Tensor, cu: Sequence[int]) -> torch.Tensor:
+        """Inverse of :meth:`_stats_to_canonical`: ``[1, N, T, 8]`` -> the op's TND layout."""
+        _, n, t, lanes = x.shape
+        parts = [x[0, :, a:b].reshape(-1) for a, b in itertools.pairwise(cu)]
+        return torch.cat(parts).view(t, n, lanes)
+
     # -- the BlockKernel protocol -------------------------------------------------------------
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, mask: BlockMask
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        scale: float,
+        mask: BlockMask,
+        cu_seqlens_q: Sequence[int] | None = None,
+        cu_seqlens_kv: Sequence[int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, NpuRngState | None]:
         """``(out [sq, B, Nq, D], softmax_max, softmax_sum [B, Nq, sq, 8] fp32, rng_state)``."""
         check_block_shapes(q, k, v)
         self._check_dtype(q)
-        res = _call(
-            _torch_npu(), "npu_fusion_attention",
-            self._to_op(q), self._to_op(k), self._to_op(v), q.shape[2], self.layout,
-            scale=scale, keep_prob=self.keep_prob, **self._mask_args(q, k, mask),
-        )  # fmt: skip
-        out, smax, ssum = res[0], res[1], res[2]
+        docs = documents(cu_seqlens_q, cu_seqlens_kv, q.shape[0], k.shape[0])
+        if docs is None:
+            res = _call(
+                _torch_npu(), "npu_fusion_attention",
+                self._to_op(q), self._to_op(k), self._to_op(v), q.shape[2], self.layout,
+                scale=scale, keep_prob=self.keep_prob, **self._mask_args(q, k, mask),
+            )  # fmt: skip
+            out, smax, ssum = self._from_op(res[0], q), res[1], res[2]
+        else:
+            res = _call(
+                _torch_npu(), "npu_fusion_attention",
+                _tnd(q), _tnd(k), _tnd(v), q.shape[2], "TND", scale=scale,
+                keep_prob=self.keep_prob, inner_precise=0,
+                **self._tnd_args(q, k, mask, cu_seqlens_q, cu_seqlens_kv),
+            )  # fmt: skip
+            out = res[0].unsqueeze(1)
+            smax, ssum = (self._stats_to_canonical(x, cu_seqlens_q) for x in res[1:3])
         rng = NpuRngState(int(res[4]), int(res[5]), int(res[6])) if self.keep_prob < 1.0 else None
-        return self._from_op(out, q), smax, ssum, rng
+        return out, smax, ssum, rng
 
     def backward(
         self,
@@ -234,6 +304,8 @@ class NpuBlockKernel:
         scale: float,
         mask: BlockMask,
         rng_state: object = None,
+        cu_seqlens_q: Sequence[int] | None = None,
+        cu_seqlens_kv: Sequence[int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(dq, dk, dv)`` of this block from the FINAL ``out`` and statistics of the ring.
 
@@ -248,6 +320,18 @@ class NpuBlockKernel:
                 f"returned for this block, got {rng_state!r}"
             )
         rng = rng_state if isinstance(rng_state, NpuRngState) else NpuRngState(0, 0, 0)
+        docs = documents(cu_seqlens_q, cu_seqlens_kv, q.shape[0], k.shape[0])
+        if docs is not None:
+            grads = _call(
+                _torch_npu(), "npu_fusion_attention_grad",
+                _tnd(q), _tnd(k), _tnd(v), _tnd(dout), q.shape[2], "TND",
+                softmax_max=self._stats_to_op(softmax_max, cu_seqlens_q),
+                softmax_sum=self._stats_to_op(softmax_sum, cu_seqlens_q), attention_in=_tnd(out),
+                scale_value=scale, keep_prob=self.keep_prob, seed=rng.seed, offset=rng.offset,
+                numels=rng.numels, inner_precise=0,
+                **self._tnd_args(q, k, mask, cu_seqlens_q, cu_seqlens_kv),
+            )  # fmt: skip
+            return grads[0].unsqueeze(1), grads[1].unsqueeze(1), grads[2].unsqueeze(1)
         grads = _call(
             _torch_npu(), "npu_fusion_attention_grad",
             self._to_op(q), self._to_op(k), self._to_op(v), self._to_op(dout), q.shape[2],
