@@ -49,6 +49,7 @@ MATRIX = [
     ("uly4", "equal", "causal", "MHA", "float64", "torch", "BSND"),
     ("uly4", "odd", "general", "GQA", "float32", "npu", "TND"),
     ("uly4", "long+short", "causal", "MQA", "bfloat16", "torch", "SBH"),
+    ("uly4", "odd", "causal", "GQA", "float64", "torch", "BSND"),  # documents straddle ranks
     ("ring4", "equal", "causal", "GQA", "bfloat16", "npu", "BSND"),
     ("ring4", "long+short", "causal", "MHA", "float64", "torch", "TND"),
     ("ring4", "2r-r4", "causal", "MQA", "float32", "torch", "BNSD"),

@@ -287,3 +287,28 @@ def test_varlen_kernel_rejects_inconsistent_lengths():
         TorchBlockKernel().forward(
             q, k, v, scale=0.3, mask=FULL, cu_seqlens_q=(0, 4, 7), cu_seqlens_kv=(0, 4, 8)
         )
+
+
+def test_packed_merge_views_agree_between_the_cpp_op_and_the_npu_op():
+    # the ring merges a packed step as TND views of its [T, 1, N, D] / [1, N, T, K] accumulators
+    from usp_npu import ops
+    from usp_npu.testing.npu_emulation import npu_ring_attention_update
+
+    g = torch.Generator().manual_seed(1)
+    t, n, d = 12, 3, 8
+    out = torch.randn(t, 1, n, d, generator=g)
+    stats = [torch.randn(1, n, t, 1, generator=g).expand(1, n, t, 8).contiguous() for _ in "ms"]
+    stats[1] = stats[1].abs() + 0.5  # sums are positive
+    cur = [torch.randn(t, n, d, generator=g)]
+    cur += [torch.randn(t, n, 1, generator=g).expand(t, n, 8).contiguous() for _ in "ms"]
+    cur[2] = cur[2].abs() + 0.5
+    seq = torch.tensor([0, 4, 12])
+    want = npu_ring_attention_update(
+        out[:, 0].clone(), stats[0][0].transpose(0, 1).contiguous(),
+        stats[1][0].transpose(0, 1).contiguous(), *cur, actual_seq_qlen=seq,
+        input_layout="TND", input_softmax_layout="TND",
+    )  # fmt: skip
+    acc = (out[:, 0], stats[0][0].transpose(0, 1), stats[1][0].transpose(0, 1))
+    ops.ring_attention_update_(*acc, *cur, actual_seq_qlen=seq, input_layout="TND")
+    for got, ref in zip((out[:, 0], *acc[1:]), want, strict=True):
+        torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-6)

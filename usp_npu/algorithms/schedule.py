@@ -27,6 +27,7 @@ empty (no kernel call) when no document does.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass
 
@@ -83,9 +84,10 @@ def ring_schedule(
     ``device``: where index tensors of packed steps go (that of the tensors they index).
     """
     if cu_seqlens is not None:
+        # cached: every layer of a step asks for the same schedule (steps are immutable)
         if causal and ring_size > 1:
-            return _packed_causal(ring_rank, ring_size, cu_seqlens, device)
-        return _packed_contiguous(ring_rank, ring_size, local_len, causal, cu_seqlens)
+            return list(_packed_causal(ring_rank, ring_size, cu_seqlens, device))
+        return list(_packed_contiguous(ring_rank, ring_size, local_len, causal, cu_seqlens))
     everything = slice(0, local_len)
     steps = []
     for t in range(ring_size):
@@ -120,7 +122,8 @@ def _rows(starts: list[int], length_each: list[int], device) -> Rows:
     return idx.to(device) if device is not None else idx
 
 
-def _packed_causal(rank: int, size: int, cu: tuple[int, ...], device) -> list[BlockStep]:
+@functools.lru_cache(maxsize=64)
+def _packed_causal(rank: int, size: int, cu: tuple[int, ...], device) -> tuple[BlockStep, ...]:
     """Every document zigzagged: the three causal cases per document, one step each."""
     chunk = [(b - a) // (2 * size) for a, b in itertools.pairwise(cu)]
     local = _cumulative([2 * c for c in chunk])  # each document holds two chunks here
@@ -138,7 +141,7 @@ def _packed_causal(rank: int, size: int, cu: tuple[int, ...], device) -> list[Bl
             steps.append(BlockStep(src, everything, first, FULL, local, halves))
         else:
             steps.append(BlockStep(src, second, everything, FULL, halves, local))
-    return steps
+    return tuple(steps)
 
 
 def _overlap(cu: tuple[int, ...], lo: int, hi: int) -> list[tuple[int, int, int]]:
@@ -150,9 +153,10 @@ def _overlap(cu: tuple[int, ...], lo: int, hi: int) -> list[tuple[int, int, int]
     ]
 
 
+@functools.lru_cache(maxsize=64)
 def _packed_contiguous(
     rank: int, size: int, local_len: int, causal: bool, cu: tuple[int, ...]
-) -> list[BlockStep]:
+) -> tuple[BlockStep, ...]:
     """Contiguous blocks (general mask, or one ring rank): pair the documents both blocks touch.
 
     The documents that touch both the query block and the K/V block are consecutive, and their
@@ -175,7 +179,7 @@ def _packed_contiguous(
         cu_q = _cumulative([e - a for a, e in q_parts])
         cu_kv = _cumulative([e - a for _, a, e in both])
         steps.append(BlockStep(src, q_rows, kv_rows, CAUSAL if causal else FULL, cu_q, cu_kv))
-    return steps
+    return tuple(steps)
 
 
 def step_work(step: BlockStep, local_len: int) -> int:
