@@ -49,3 +49,12 @@ def test_a_wrong_result_fails_the_check():
     lines = re.findall(r"^\[ *(\d+)/12\] (PASS|FAIL) ", proc.stdout, re.M)
     assert [n for n, verdict in lines if verdict == "FAIL"] == ["5"], proc.stdout
     assert len(lines) == 12
+
+
+def test_packed_configs_pass_on_4_ranks():
+    """--packed: four documents, the same 20 configs against the TND single-device op."""
+    proc, summary = run_check(4, "--packed")
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    failed, passed, total, _ = summary.groups()
+    assert failed is None and int(passed) == int(total) == 20, summary.group(0)
+    assert proc.stdout.count(" packed 4 docs") == 20

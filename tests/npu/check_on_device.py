@@ -14,6 +14,11 @@ the reference on its own device with ``torch_npu.npu_fusion_attention`` and
 order and measures ``max|cp - ref| / max(1, max|ref|)``, the measure and tolerance (bf16 2.5e-2)
 of the test suite (:mod:`usp_npu.testing.cases`). The errors are max-reduced over the ranks.
 
+``--packed`` checks the same configurations on a packed sequence of four documents
+(``cu_seqlens = [0, S/2, 3S/4, 7S/8, S]``, batch 1) against the single-device op in ``TND``
+layout with ``actual_seq_qlen``/``actual_seq_kvlen``: the varlen ring steps, the TND kernels and
+the TND merge on the device.
+
 Rank 0 prints one line per configuration, then one summary line::
 
     usp_npu device check: 28/28 configs passed on 8 x npu (max err 3.1e-03, 40 s)
@@ -73,6 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--packed", action="store_true", help="four packed documents (cu_seqlens)")
     p.add_argument("--timeout", type=float, default=600.0, help="collective timeout, seconds")
     p.add_argument(
         "--emulate", action="store_true", help="CPU ranks, gloo, emulated torch_npu (no NPU)"
@@ -103,6 +109,10 @@ def make_cases(args: argparse.Namespace, world: int) -> list[AttentionCase]:
         "backend": "npu",
         "seed": args.seed,
     }
+    if args.packed:
+        if args.batch != 1:
+            raise ValueError(f"--packed needs --batch 1 (one packed sequence), got {args.batch}")
+        base["cu_seqlens"] = (0, seq // 2, 3 * seq // 4, 7 * seq // 8, seq)
     shapes = [
         AttentionCase(algo=a, ulysses_degree=u, mask_type=m, bnsd=b, **base)
         for a, u in algorithms(world)
@@ -131,7 +141,8 @@ def describe(case: AttentionCase) -> str:
     block = "BNSD" if case.bnsd else "SBH"
     kv = case.kv_heads or case.heads
     heads = f"{'GQA' if kv < case.heads else 'MHA'} {case.heads}/{kv}"
-    return f"{algo:<26} {case.mask_type:<7} {block:<4} {heads}"
+    packed = f" packed {len(case.cu_seqlens) - 1} docs" if case.cu_seqlens else ""
+    return f"{algo:<26} {case.mask_type:<7} {block:<4} {heads}{packed}"
 
 
 # --------------------------------------------------------------------------------- reference
@@ -157,14 +168,20 @@ def reference(setup: Setup, case: AttentionCase, inputs: list[torch.Tensor]):
     """Single-device out, dq, dk, dv over the full sequence (BSND), with the fused ops."""
     q, k, v, dout = inputs
     kw = {"scale": case.head_dim**-0.5, **_causal_args(setup, case.mask_type == "causal")}
-    res = setup.torch_npu.npu_fusion_attention(q, k, v, case.heads, "BSND", **kw)
+    layout = "BSND"
+    if case.cu_seqlens:  # one sequence, per-document attention: TND, lengths without the 0
+        layout = "TND"
+        q, k, v, dout = (x[0] for x in (q, k, v, dout))
+        kw["actual_seq_qlen"] = kw["actual_seq_kvlen"] = list(case.cu_seqlens[1:])
+    res = setup.torch_npu.npu_fusion_attention(q, k, v, case.heads, layout, **kw)
     out, smax, ssum = res[0], res[1], res[2]
     kw["scale_value"] = kw.pop("scale")
     grads = setup.torch_npu.npu_fusion_attention_grad(
-        q, k, v, dout, case.heads, "BSND", softmax_max=smax, softmax_sum=ssum,
+        q, k, v, dout, case.heads, layout, softmax_max=smax, softmax_sum=ssum,
         attention_in=out, **kw,
     )  # fmt: skip
-    return [out, *grads[:3]]
+    result = [out, *grads[:3]]
+    return [x.unsqueeze(0) for x in result] if case.cu_seqlens else result
 
 
 # --------------------------------------------------------------------------------- CP run
@@ -174,12 +191,13 @@ def context_parallel(
     case: AttentionCase, mesh: ContextParallelMesh, inputs: list[torch.Tensor]
 ) -> list[torch.Tensor]:
     """CP out, dq, dk, dv, gathered back into full sequence order (BSND, seq dim 1)."""
-    q, k, v, dout = (split_sequence(x, 1, mesh) for x in inputs)
+    cu = case.cu_seqlens
+    q, k, v, dout = (split_sequence(x, 1, cu, mesh=mesh) for x in inputs)
     leaves = [x.requires_grad_() for x in (q, k, v)]
-    out = context_parallel_attention(*leaves, "BSND", mesh=mesh)
+    out = context_parallel_attention(*leaves, "BSND", cu_seqlens=cu, mesh=mesh)
     out.backward(dout)
     local = [out.detach(), *(x.grad for x in leaves)]
-    return [gather_sequence(x.contiguous(), 1, mesh) for x in local]
+    return [gather_sequence(x.contiguous(), 1, cu, mesh=mesh) for x in local]
 
 
 def check(setup: Setup, case: AttentionCase, ref_cache: dict, inject: bool) -> list[float]:
