@@ -476,7 +476,7 @@ def test_ring_update_sbh(dtype):
 @pytest.mark.parametrize("softmax_layout", ["", "TND"])
 def test_ring_update_tnd(softmax_layout):
     torch.manual_seed(11)
-    t, n, d, qb = 9, 2, 4, [(0, 3), (3, 8), (8, 9)]
+    t, n, d, qb = 9, 2, 64, [(0, 3), (3, 8), (8, 9)]  # TND: D a multiple of 64
     po, co = torch.randn(t, n, d), torch.randn(t, n, d)
     pm, ps = random_partial((t, n), dead_rows=(4,))
     cm, cs = random_partial((t, n), dead_rows=(4, 5))

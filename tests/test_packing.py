@@ -295,7 +295,7 @@ def test_packed_merge_views_agree_between_the_cpp_op_and_the_npu_op():
     from usp_npu.testing.npu_emulation import npu_ring_attention_update
 
     g = torch.Generator().manual_seed(1)
-    t, n, d = 12, 3, 8
+    t, n, d = 12, 3, 64  # the device's TND merge takes D in multiples of 64
     out = torch.randn(t, 1, n, d, generator=g)
     stats = [torch.randn(1, n, t, 1, generator=g).expand(1, n, t, 8).contiguous() for _ in "ms"]
     stats[1] = stats[1].abs() + 0.5  # sums are positive
@@ -312,3 +312,56 @@ def test_packed_merge_views_agree_between_the_cpp_op_and_the_npu_op():
     ops.ring_attention_update_(*acc, *cur, actual_seq_qlen=seq, input_layout="TND")
     for got, ref in zip((out[:, 0], *acc[1:]), want, strict=True):
         torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("keep_prob", [1.0, 0.8])
+def test_npu_kernel_splits_blocks_with_more_documents_than_the_device_takes(monkeypatch, keep_prob):
+    from usp_npu.kernels import npu
+
+    cu_q, cu_kv = (0, 4, 12, 14, 20, 22), (0, 2, 6, 7, 10, 11)  # 5 documents, groups of 2
+    q, k, v, dout = _qkv(cu_q[-1], cu_kv[-1], dtype=torch.float32)
+    with emulated_torch_npu():
+        kernel = npu.NpuBlockKernel(keep_prob=keep_prob)
+        args = {"scale": 0.3, "mask": FULL, "cu_seqlens_q": cu_q, "cu_seqlens_kv": cu_kv}
+        whole = kernel.forward(q, k, v, **args)
+        monkeypatch.setattr(npu, "MAX_TND_DOCUMENTS", 2)
+        o, m, s, rng = kernel.forward(q, k, v, **args)
+        grads = kernel.backward(dout, q, k, v, o, m, s, rng_state=rng, **args)
+    if keep_prob < 1.0:  # three calls, three dropout states, replayed in the backward
+        assert isinstance(rng, tuple) and len(rng) == 3
+        assert all(torch.isfinite(g).all() for g in grads)
+        return
+    with emulated_torch_npu():
+        monkeypatch.setattr(npu, "MAX_TND_DOCUMENTS", 1024)
+        want = kernel.backward(dout, q, k, v, *whole[:3], **args)
+    for got, ref in zip((o, m, s, *grads), (*whole[:3], *want), strict=True):
+        torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-6)
+
+
+def test_emulation_refuses_what_the_device_refuses():
+    from usp_npu.testing import npu_emulation as emu
+
+    q, long = torch.randn(8, 2, 16), torch.randn(1025, 1, 16)
+    with pytest.raises(ValueError, match="at most 1024"):
+        emu.npu_fusion_attention(
+            long, long, long, 1, "TND", actual_seq_qlen=list(range(1, 1026)),
+            actual_seq_kvlen=list(range(1, 1026)),
+        )  # fmt: skip
+    padded = torch.zeros(8, 8, dtype=torch.bool)
+    padded[2] = True  # a whole row masked: padding, which the varlen kernel refuses
+    with pytest.raises(ValueError, match="whole query row"):
+        emu.npu_fusion_attention(
+            q, q, q, 2, "TND", atten_mask=padded, sparse_mode=1, actual_seq_qlen=[8],
+            actual_seq_kvlen=[8],
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="256"):
+        big = torch.randn(4, 257, 8)
+        emu.npu_fusion_attention(
+            big, big, big, 257, "TND", actual_seq_qlen=[4], actual_seq_kvlen=[4]
+        )
+    stats = torch.ones(8, 2, 8)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        emu.npu_ring_attention_update(
+            q, stats, stats, q, stats, stats, input_layout="TND", input_softmax_layout="TND",
+            actual_seq_qlen=torch.tensor([0, 8]),
+        )  # fmt: skip

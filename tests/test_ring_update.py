@@ -373,7 +373,7 @@ def test_npu_path_with_emulated_op(layout):
     from usp_npu.testing.npu_emulation import npu_ring_attention_update
 
     gen = torch.Generator().manual_seed(10)
-    dims = (5, 2, 2, 16) if layout == "SBH" else (11, 2, 16)
+    dims = (5, 2, 2, 16) if layout == "SBH" else (11, 2, 64)  # TND on the device: D % 64 == 0
     args = make_case(layout, dims, 8, (torch.float32, torch.bfloat16), gen, (0.2, 0.2))
     seq = torch.tensor([0, 4, 11]) if layout == "TND" else None
     got = ru._npu_update(npu_ring_attention_update, *args, seq, layout)

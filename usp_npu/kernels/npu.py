@@ -29,7 +29,8 @@ stored per document head-major (``(N, s_doc, 8)`` blocks one after the other: th
 ``softmax_layout``, which every TND-capable torch_npu has); this kernel converts them to the
 canonical ``[1, N, T, 8]`` (token-major per head) after the forward and back before the grad, so
 the ring's TND merge reads them token-major (``input_softmax_layout="TND"``). One document
-spanning the whole block takes the plain path above.
+spanning the whole block takes the plain path above. The device takes at most
+``MAX_TND_DOCUMENTS`` (1024) documents per call; a block with more is computed in groups.
 
 Dropout: ``keep_prob < 1`` makes the op draw its mask from (seed, offset); the forward returns
 them as :class:`NpuRngState`, which the caller keeps per block and hands back to ``backward`` so
@@ -53,6 +54,9 @@ from usp_npu.kernels.base import BlockMask, check_block_shapes, documents
 __all__ = ["NpuBlockKernel", "NpuRngState"]
 
 _LAYOUTS = ("SBH", "BNSD")
+#: documents per TND call the device takes (torch_npu docs: actual_seq_qlen holds up to 1K
+#: entries in the varlen case); blocks with more are computed in several calls
+MAX_TND_DOCUMENTS = 1024
 _COMPRESSED = 2048
 _FWD_ARGS = ("atten_mask", "scale", "keep_prob", "sparse_mode", "inner_precise")
 _BWD_ARGS = (
@@ -133,6 +137,24 @@ def _call(mod: ModuleType, name: str, *args, **kwargs):
             f"torch_npu.{name} rejected the arguments of the 'npu' attention backend ({exc}); "
             "it needs torch_npu >= 2.1 (sparse_mode, softmax_max/softmax_sum, scale_value)"
         ) from exc
+
+
+def _groups(cu_q: Sequence[int], cu_kv: Sequence[int]):
+    """``(q rows, kv rows, group cu_q, group cu_kv)`` per run of ``MAX_TND_DOCUMENTS`` documents.
+
+    The device takes at most that many documents per varlen call; each group's rows are
+    contiguous, so a block with more documents is several calls, concatenated.
+    """
+    n = len(cu_q) - 1
+    for a in range(0, n, MAX_TND_DOCUMENTS):
+        b = min(a + MAX_TND_DOCUMENTS, n)
+        q0, k0 = cu_q[a], cu_kv[a]
+        yield (
+            slice(q0, cu_q[b]),
+            slice(k0, cu_kv[b]),
+            [x - q0 for x in cu_q[a : b + 1]],
+            [x - k0 for x in cu_kv[a : b + 1]],
+        )
 
 
 def _tnd(x: torch.Tensor) -> torch.Tensor:
@@ -255,6 +277,53 @@ class NpuBlockKernel:
         parts = [x[0, :, a:b].reshape(-1) for a, b in itertools.pairwise(cu)]
         return torch.cat(parts).view(t, n, lanes)
 
+    def _tnd_forward(self, q, k, v, scale, mask, cu_q, cu_kv):
+        """Packed forward: one TND call per group of at most ``MAX_TND_DOCUMENTS`` documents."""
+        outs, maxes, sums, rngs = [], [], [], []
+        for qs, ks, gq, gk in _groups(cu_q, cu_kv):
+            res = _call(
+                _torch_npu(), "npu_fusion_attention",
+                _tnd(q[qs]), _tnd(k[ks]), _tnd(v[ks]), q.shape[2], "TND", scale=scale,
+                keep_prob=self.keep_prob, inner_precise=0,
+                **self._tnd_args(q, k, mask, gq, gk),
+            )  # fmt: skip
+            outs.append(res[0].unsqueeze(1))
+            maxes.append(self._stats_to_canonical(res[1], gq))
+            sums.append(self._stats_to_canonical(res[2], gq))
+            rngs.append(NpuRngState(int(res[4]), int(res[5]), int(res[6])))
+        rng = (rngs[0] if len(rngs) == 1 else tuple(rngs)) if self.keep_prob < 1.0 else None
+        if len(outs) == 1:
+            return outs[0], maxes[0], sums[0], rng
+        return torch.cat(outs), torch.cat(maxes, 2), torch.cat(sums, 2), rng
+
+    def _tnd_backward(self, dout, q, k, v, out, smax, ssum, scale, mask, rng_state, cu_q, cu_kv):
+        """Packed grad, grouped as in :meth:`_tnd_forward` (``rng_state``: one per group)."""
+        groups = list(_groups(cu_q, cu_kv))
+        if isinstance(rng_state, tuple):
+            rngs = list(rng_state)
+        elif isinstance(rng_state, NpuRngState):
+            rngs = [rng_state]
+        else:  # no dropout
+            rngs = [NpuRngState(0, 0, 0)] * len(groups)
+        if len(rngs) != len(groups):
+            raise ValueError(f"{len(groups)} document groups but {len(rngs)} dropout RNG states")
+        dq, dk, dv = [], [], []
+        for (qs, ks, gq, gk), rng in zip(groups, rngs, strict=True):
+            grads = _call(
+                _torch_npu(), "npu_fusion_attention_grad",
+                _tnd(q[qs]), _tnd(k[ks]), _tnd(v[ks]), _tnd(dout[qs]), q.shape[2], "TND",
+                softmax_max=self._stats_to_op(smax[:, :, qs], gq),
+                softmax_sum=self._stats_to_op(ssum[:, :, qs], gq), attention_in=_tnd(out[qs]),
+                scale_value=scale, keep_prob=self.keep_prob, seed=rng.seed, offset=rng.offset,
+                numels=rng.numels, inner_precise=0, **self._tnd_args(q, k, mask, gq, gk),
+            )  # fmt: skip
+            dq.append(grads[0].unsqueeze(1))
+            dk.append(grads[1].unsqueeze(1))
+            dv.append(grads[2].unsqueeze(1))
+        if len(groups) == 1:
+            return dq[0], dk[0], dv[0]
+        return torch.cat(dq), torch.cat(dk), torch.cat(dv)
+
     # -- the BlockKernel protocol -------------------------------------------------------------
 
     def forward(
@@ -280,14 +349,7 @@ class NpuBlockKernel:
             )  # fmt: skip
             out, smax, ssum = self._from_op(res[0], q), res[1], res[2]
         else:
-            res = _call(
-                _torch_npu(), "npu_fusion_attention",
-                _tnd(q), _tnd(k), _tnd(v), q.shape[2], "TND", scale=scale,
-                keep_prob=self.keep_prob, inner_precise=0,
-                **self._tnd_args(q, k, mask, cu_seqlens_q, cu_seqlens_kv),
-            )  # fmt: skip
-            out = res[0].unsqueeze(1)
-            smax, ssum = (self._stats_to_canonical(x, cu_seqlens_q) for x in res[1:3])
+            return self._tnd_forward(q, k, v, scale, mask, cu_seqlens_q, cu_seqlens_kv)
         rng = NpuRngState(int(res[4]), int(res[5]), int(res[6])) if self.keep_prob < 1.0 else None
         return out, smax, ssum, rng
 
@@ -310,11 +372,13 @@ class NpuBlockKernel:
         """``(dq, dk, dv)`` of this block from the FINAL ``out`` and statistics of the ring.
 
         ``dout``/``out`` ``[sq, B, Nq, D]``; statistics ``[B, Nq, sq, 8]`` fp32; ``rng_state``:
-        the :class:`NpuRngState` that :meth:`forward` returned for this block (dropout only).
+        what :meth:`forward` returned for this block (dropout only): an :class:`NpuRngState`,
+        or a tuple of them for a packed block computed in several groups.
         """
         check_block_shapes(q, k, v)
         self._check_dtype(q)
-        if self.keep_prob < 1.0 and not isinstance(rng_state, NpuRngState):
+        replay = rng_state if isinstance(rng_state, tuple) else (rng_state,)
+        if self.keep_prob < 1.0 and not all(isinstance(r, NpuRngState) for r in replay):
             raise ValueError(
                 "NpuBlockKernel.backward with dropout needs the NpuRngState that forward "
                 f"returned for this block, got {rng_state!r}"
@@ -322,16 +386,10 @@ class NpuBlockKernel:
         rng = rng_state if isinstance(rng_state, NpuRngState) else NpuRngState(0, 0, 0)
         docs = documents(cu_seqlens_q, cu_seqlens_kv, q.shape[0], k.shape[0])
         if docs is not None:
-            grads = _call(
-                _torch_npu(), "npu_fusion_attention_grad",
-                _tnd(q), _tnd(k), _tnd(v), _tnd(dout), q.shape[2], "TND",
-                softmax_max=self._stats_to_op(softmax_max, cu_seqlens_q),
-                softmax_sum=self._stats_to_op(softmax_sum, cu_seqlens_q), attention_in=_tnd(out),
-                scale_value=scale, keep_prob=self.keep_prob, seed=rng.seed, offset=rng.offset,
-                numels=rng.numels, inner_precise=0,
-                **self._tnd_args(q, k, mask, cu_seqlens_q, cu_seqlens_kv),
+            return self._tnd_backward(
+                dout, q, k, v, out, softmax_max, softmax_sum, scale, mask, rng_state,
+                cu_seqlens_q, cu_seqlens_kv,
             )  # fmt: skip
-            return grads[0].unsqueeze(1), grads[1].unsqueeze(1), grads[2].unsqueeze(1)
         grads = _call(
             _torch_npu(), "npu_fusion_attention_grad",
             self._to_op(q), self._to_op(k), self._to_op(v), self._to_op(dout), q.shape[2],

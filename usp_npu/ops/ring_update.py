@@ -281,8 +281,14 @@ def _npu_module_op() -> Callable[..., Triple] | None:
 
 
 def _npu_can_run(prev_out: torch.Tensor, prev_max: torch.Tensor) -> bool:
-    """The device op wants 8 lanes of fp32 statistics and fp32/bf16/fp16 attn."""
-    return prev_max.shape[-1] == 8 and prev_max.dtype == torch.float32
+    """The device op wants 8 lanes of fp32 statistics and fp32/bf16/fp16 attn; TND on Atlas
+    A2/A3 also N <= 256 and D <= 768 a multiple of 64 (else: the composed formula)."""
+    if prev_max.shape[-1] != 8 or prev_max.dtype != torch.float32:
+        return False
+    if prev_max.dim() == 3:  # TND [T, N, 8] statistics
+        n, d = prev_out.shape[1], prev_out.shape[2]
+        return n <= 256 and d <= 768 and d % 64 == 0
+    return True
 
 
 def _npu_update(op, prev_out, prev_max, prev_sum, cur_out, cur_max, cur_sum, seq, layout):

@@ -18,6 +18,11 @@ uses K/V head ``h // (N / Nkv)``):
   head-major (document after document, each ``(N, s_doc, 8)``), or token-major with
   ``softmax_layout="TND"``.
 
+Device limits that are refused as on the device: more than 256 query heads or a head dim
+over 768; more than 1024 documents in one TND call; a TND ``atten_mask`` that masks a whole row
+of a document (the varlen kernel has no invalid-row handling); ``npu_ring_attention_update``
+in TND with N > 256 or D not a multiple of 64 up to 768 (Atlas A2/A3).
+
 Masks (``atten_mask`` bool/uint8, True = masked out; ``None`` = full attention whatever
 ``sparse_mode``/``pre_tockens``/``next_tockens`` say, as on the device):
 ``sparse_mode`` 0: the given mask AND the band ``-pre <= j - i <= next`` (top-left anchored);

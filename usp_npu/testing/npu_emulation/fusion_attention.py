@@ -15,6 +15,10 @@ _LANES = 8
 _LAYOUTS = ("BSH", "SBH", "BSND", "BNSD", "TND")
 _COMPRESSED_MODES = (2, 3, 4, 6, 7, 8)
 _COMPRESSED_SIZE = 2048
+# documented device limits (torch_npu npu_fusion_attention constraints)
+MAX_HEADS = 256  # Nq
+MAX_HEAD_DIM = 768  # D
+MAX_VARLEN_DOCUMENTS = 1024  # entries of actual_seq_qlen in the varlen (TND) case
 
 # ----------------------------------------------------------------------------- dropout RNG
 
@@ -139,6 +143,11 @@ def _views(spec: _Spec, query, key, value):
     k, v = _to_c(key, spec.layout, None, d), _to_c(value, spec.layout, None, d)
     if q.shape[1] != n:
         raise ValueError(f"head_num={n} but the {spec.layout} query has {q.shape[1]} heads")
+    if n > MAX_HEADS or d > MAX_HEAD_DIM:
+        raise ValueError(
+            f"the device takes at most {MAX_HEADS} query heads and head dim {MAX_HEAD_DIM}; got "
+            f"{n} heads of dim {d}"
+        )
     if k.shape[0] != q.shape[0] or k.shape[3] != d:
         raise ValueError(f"query {tuple(query.shape)} and key {tuple(key.shape)} disagree on B/D")
     if n % k.shape[1]:
@@ -178,6 +187,11 @@ def _docs(spec: _Spec, sq: int, sk: int) -> list[tuple[tuple[int, int], tuple[in
     kb = _doc_bounds(spec.kvlen, "actual_seq_kvlen", sk)
     if len(qb) != len(kb) or len(spec.qlen) != len(spec.kvlen):
         raise ValueError("actual_seq_qlen and actual_seq_kvlen describe different documents")
+    if len(spec.qlen) > MAX_VARLEN_DOCUMENTS:
+        raise ValueError(
+            f"actual_seq_qlen has {len(spec.qlen)} entries; the varlen case takes at most "
+            f"{MAX_VARLEN_DOCUMENTS} (split the call)"
+        )
     return list(zip(qb, kb, strict=True))
 
 
@@ -236,10 +250,14 @@ def _build_mask(spec: _Spec, b: int, n: int, sq: int, sk: int) -> torch.Tensor |
             raise ValueError(f"next_tockens={nxt} < 0 needs pre_tockens >= {-nxt}, |next| < {sk}")
         if pre < 0 and (nxt < -pre or -pre >= sq):
             raise ValueError(f"pre_tockens={pre} < 0 needs next_tockens >= {-pre}, |pre| < {sq}")
-    if mode == 0:
-        return _user_mask(spec, b, n, sq, sk) | _band(sq, sk, pre, nxt, 0)
-    if mode == 1:
-        return _user_mask(spec, b, n, sq, sk)
+    if mode in (0, 1):
+        masked = _user_mask(spec, b, n, sq, sk)
+        if mode == 0:
+            masked = masked | _band(sq, sk, pre, nxt, 0)
+        if spec.varlen and sk and bool(masked.all(-1).any()):
+            # the varlen kernel has no invalid-row handling: a padded (all-masked) row is refused
+            raise ValueError("TND atten_mask must not mask a whole query row of a document")
+        return masked
     if mode == 2:
         return _band(sq, sk, _INT_MAX, 0, 0)
     if mode == 3:

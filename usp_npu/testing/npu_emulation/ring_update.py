@@ -9,6 +9,11 @@ import torch
 
 from usp_npu.testing.npu_emulation.fusion_attention import _LANES, _segments, _unpack_tnd
 
+# documented limits of the TND layout on Atlas A2/A3 (torch_npu npu_ring_attention_update)
+TND_MAX_HEADS = 256
+TND_MAX_HEAD_DIM = 768
+TND_HEAD_DIM_MULTIPLE = 64
+
 
 def _prefix_sums(cum: object, t: int) -> list[tuple[int, int]]:
     if cum is None:
@@ -35,6 +40,7 @@ def npu_ring_attention_update(
     ``[B, N, S, 8]``. TND: attn ``[T, N, D]``, stats ``[T, N, 8]``, per document head-major
     (``input_softmax_layout=""``, needs ``actual_seq_qlen``: int64 prefix sums starting at 0)
     or token-major (``"TND"``). A row with ``-inf`` max on both sides stays ``(0, -inf, 0)``.
+    TND is refused, as on Atlas A2/A3, unless N <= 256 and D <= 768 is a multiple of 64.
     """
     if input_layout not in ("SBH", "TND") or input_softmax_layout not in ("", "TND"):
         raise ValueError(
@@ -46,6 +52,13 @@ def npu_ring_attention_update(
     stats = (prev_softmax_max, prev_softmax_sum, cur_softmax_max, cur_softmax_sum)
     if any(s.shape != prev_softmax_max.shape for s in stats) or stats[0].shape[-1] != _LANES:
         raise ValueError(f"the four statistics must share one shape ending in {_LANES}")
+    if input_layout == "TND":
+        n, d = prev_attn_out.shape[1], prev_attn_out.shape[2]
+        if n > TND_MAX_HEADS or d > TND_MAX_HEAD_DIM or d % TND_HEAD_DIM_MULTIPLE:
+            raise ValueError(
+                f"TND takes N <= {TND_MAX_HEADS} and D <= {TND_MAX_HEAD_DIM}, a multiple of "
+                f"{TND_HEAD_DIM_MULTIPLE} (Atlas A2/A3); got N={n}, D={d}"
+            )
     m = torch.maximum(prev_softmax_max, cur_softmax_max)
     m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     a = prev_softmax_sum * torch.exp(prev_softmax_max - m_safe)
