@@ -74,7 +74,7 @@ def _check_against_mesh(qc, kc, mesh: ContextParallelMesh, attention_mask) -> No
 def _check_packed(
     qc, mesh: ContextParallelMesh, cu_seqlens, attention_mask, layout: str
 ) -> tuple[int, ...] | None:
-    """Validated ``cu_seqlens`` (a tuple of ints) or None; TND alone means one document."""
+    """Validated ``cu_seqlens`` as a tuple of ints, or None (a TND tensor without it is one sequence)."""
     if cu_seqlens is None:
         return None
     if attention_mask is not None:
