@@ -82,6 +82,7 @@ def context_parallel_attention(
     dropout_p: float = 0.0,
     mesh: ContextParallelMesh | None = None,
     comm_stats: CommStats | None = None,
+    layer_number: int | None = None,
 ) -> torch.Tensor:
     """Attention over the whole CP group's sequence, from and to this rank's shards.
 
@@ -97,6 +98,9 @@ def context_parallel_attention(
             mask (seed, offset) in the backward.
         mesh: defaults to the mesh of :func:`usp_npu.initialize_context_parallel`.
         comm_stats: if given, bytes sent are counted into it.
+        layer_number: this layer's number (1-based, as Megatron counts) for
+            ``--context-parallel-cache-interval`` n: the KV cache policy applies when n is 0 or
+            ``layer_number % (n + 1) == 1``; ``None`` = as if the layer qualifies.
 
     Returns:
         The local output, same layout and shape as ``q``. Differentiable w.r.t. q, k, v.
@@ -127,6 +131,7 @@ def context_parallel_attention(
         merge=merge,
         mask=attention_mask,
         stats=comm_stats,
+        kv_cache=cfg.kv_cache_policy(layer_number),
     )
     return from_canonical(out, layout)
 
@@ -136,6 +141,8 @@ class USPAttention(nn.Module):
 
     ``forward(q, k, v, attention_mask=None)`` takes and returns local shards in ``layout``; see
     :func:`context_parallel_attention`. ``mesh=None`` uses the current mesh at call time.
+    ``layer_number`` (1-based) decides whether the KV cache policy applies to this layer
+    (``--context-parallel-cache-interval``); ``None`` = it does.
     """
 
     def __init__(
@@ -145,20 +152,21 @@ class USPAttention(nn.Module):
         head_dim: int | None = None,
         mesh: ContextParallelMesh | None = None,
         dropout_p: float = 0.0,
+        layer_number: int | None = None,
     ):
         super().__init__()
         check_layout(layout)
         if layout == "SBH" and head_dim is None:
             raise ValueError("USPAttention(layout='SBH') needs head_dim=")
         self.layout, self.softmax_scale, self.head_dim = layout, softmax_scale, head_dim
-        self.mesh, self.dropout_p = mesh, dropout_p
+        self.mesh, self.dropout_p, self.layer_number = mesh, dropout_p, layer_number
         self.comm_stats: CommStats | None = None
 
     def forward(self, q, k, v, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return context_parallel_attention(
             q, k, v, self.layout, self.softmax_scale, self.head_dim, attention_mask,
             dropout_p=self.dropout_p if self.training else 0.0,
-            mesh=self.mesh, comm_stats=self.comm_stats,
+            mesh=self.mesh, comm_stats=self.comm_stats, layer_number=self.layer_number,
         )  # fmt: skip
 
     def extra_repr(self) -> str:

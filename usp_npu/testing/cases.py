@@ -54,6 +54,11 @@ class AttentionCase:
     emulate_npu: bool = False  # install the CPU emulation as torch_npu while the case runs
     fused_update: bool | None = None  # --use-fused-ring-attention-update (None = auto)
     seed: int = 0
+    window: int = 1  # --cp-window-size (double ring)
+    kv_cache: str | None = None  # --context-parallel-kv-cache-policy
+    cache_interval: int = 0  # --context-parallel-cache-interval
+    allgather_kv: bool = False  # --use-ulysses-allgather-kv
+    layer_number: int | None = None  # the attention call's layer_number
 
     def config(self) -> ContextParallelConfig:
         return ContextParallelConfig(
@@ -65,6 +70,10 @@ class AttentionCase:
             use_cp_send_recv_overlap=self.overlap,
             megatron_cp_in_bnsd=self.bnsd,
             use_fused_ring_attention_update=self.fused_update,
+            cp_window_size=self.window,
+            context_parallel_kv_cache_policy=self.kv_cache,
+            context_parallel_cache_interval=self.cache_interval,
+            use_ulysses_allgather_kv=self.allgather_kv,
         )
 
 
@@ -111,8 +120,10 @@ def _run_cp(case: AttentionCase, mesh, inputs, repeats: int) -> dict:
             attention_mask=mask,
             mesh=mesh,
             comm_stats=stats,
+            layer_number=case.layer_number,
         )
         t1 = time.perf_counter()
+        sent_forward = dict(stats.sent)
         out.backward(local(dout))
         t2 = time.perf_counter()
     got = [
@@ -125,6 +136,8 @@ def _run_cp(case: AttentionCase, mesh, inputs, repeats: int) -> dict:
         "forward_s": t1 - t0,
         "backward_s": t2 - t1,
         "bytes_sent": stats.total,
+        "sent_forward": sent_forward,
+        "sent_backward": {k: n - sent_forward.get(k, 0) for k, n in stats.sent.items()},
     }
 
 
