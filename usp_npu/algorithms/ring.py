@@ -86,8 +86,10 @@ class _RingAttention(torch.autograd.Function):
                 )
             if more:
                 kv = route.receive(t)  # a fresh buffer per block: safe to keep
-                if plan.kv_cache is not None:
-                    cache.append(kv if plan.kv_cache == "full" else kv[0])
+                if plan.kv_cache == "full":
+                    cache.append(kv)
+                elif plan.kv_cache == "half":  # a copy: a view would keep V's memory alive
+                    cache.append(kv[0].clone())
         out = out.to(q.dtype)
         ctx.plan, ctx.rng_states = plan, rng_states
         kept = (k, v) if plan.restore is None else plan.restore.keep
