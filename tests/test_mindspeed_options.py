@@ -195,7 +195,7 @@ def test_double_ring_order_is_consistent_with_its_links(size, window):
         assert order[0] == i and sorted(order) == list(range(size))  # every block once, own first
         win, pos = divmod(i, window)
         for t in range(size - 1):
-            o, s = divmod(t, window)
+            s = t % window
             if s + 1 < window:  # came over the inner ring from the previous rank of the window
                 sender = win * window + (pos - 1) % window
                 assert order[t + 1] == orders[sender][t]
@@ -234,10 +234,10 @@ def test_flags_round_trip_into_the_config():
     assert c.context_parallel_cache_interval == 2 and not c.use_ulysses_allgather_kv
     ok(c, num_layers=4)
     args = parser.parse_args(
-        "--context-parallel-size 4 --context-parallel-algo kvallgather_cp_algo".split()
+        ["--context-parallel-size", "4", "--context-parallel-algo", "kvallgather_cp_algo"]
     )
     assert ContextParallelConfig.from_args(args).context_parallel_algo == KVALLGATHER
-    args = parser.parse_args("--context-parallel-size 4 --use-ulysses-allgather-kv".split())
+    args = parser.parse_args(["--context-parallel-size", "4", "--use-ulysses-allgather-kv"])
     c = ContextParallelConfig.from_args(args)
     assert c.use_ulysses_allgather_kv is True
     ok(c, num_query_groups=2)
