@@ -215,3 +215,31 @@ def assert_matches_reference(results: list[dict], case: AttentionCase) -> None:
         assert res["finite"], f"rank {rank}: non-finite output or gradient for {case}"
         bad = {k: v for k, v in res["errors"].items() if not v <= tol}
         assert not bad, f"rank {rank}: errors {bad} above {tol} for {case}"
+
+
+def expected_case_bytes(case: AttentionCase) -> tuple[dict[str, int], dict[str, int]]:
+    """The communication model's ``(forward, backward)`` bytes per rank for ``case``."""
+    from usp_npu.comm.volume import expected_bytes
+
+    size = DTYPES[case.dtype].itemsize
+    return expected_bytes(
+        case.config(),
+        case.seq,
+        case.batch,
+        case.heads // case.tp,
+        (case.kv_heads or case.heads) // case.tp,
+        case.head_dim,
+        size,
+        8 if size == 8 else 4,
+        case.layer_number,
+    )
+
+
+def assert_bytes_match_model(results: list[dict], case: AttentionCase) -> None:
+    """Raise AssertionError unless every rank sent, per kind and direction, what the model says."""
+    want_forward, want_backward = expected_case_bytes(case)
+    for rank, res in enumerate(results):
+        forward = {k: n for k, n in res["sent_forward"].items() if n}
+        backward = {k: n for k, n in res["sent_backward"].items() if n}
+        assert forward == want_forward, (rank, "forward", forward, want_forward, case)
+        assert backward == want_backward, (rank, "backward", backward, want_backward, case)
