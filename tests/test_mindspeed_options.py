@@ -241,3 +241,43 @@ def test_flags_round_trip_into_the_config():
     c = ContextParallelConfig.from_args(args)
     assert c.use_ulysses_allgather_kv is True
     ok(c, num_query_groups=2)
+
+
+# -- the demo takes the new flags ----------------------------------------------------------------
+def _demo_args(argv: list[str]) -> argparse.Namespace:
+    from usp_npu import cli
+
+    parser = argparse.ArgumentParser()
+    cli._demo_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["demo", "--seq-length", "64", *argv])
+
+
+def test_demo_passes_the_new_flags_to_its_case():
+    from usp_npu import cli
+
+    argv = "--context-parallel-algo megatron_cp_algo --cp-window-size 2 "
+    argv += "--context-parallel-kv-cache-policy half --context-parallel-cache-interval 1"
+    case = cli._case_from_args(_demo_args(argv.split()), 4)
+    assert (case.window, case.kv_cache, case.cache_interval) == (2, "half", 1)
+    argv = ["--use-ulysses-allgather-kv", "--num-query-groups", "2"]
+    assert cli._case_from_args(_demo_args(argv), 4).allgather_kv is True
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["--context-parallel-algo", "megatron_cp_algo", "--cp-window-size", "3"], "--cp-window-size 3"),
+        (["--context-parallel-cache-interval", "2"], "--context-parallel-cache-interval 2"),
+        (["--context-parallel-algo", "hybrid_cp_algo", "--ulysses-degree-in-cp", "2",
+          "--use-ulysses-allgather-kv"], "--use-ulysses-allgather-kv"),
+    ],
+)  # fmt: skip
+def test_demo_rejects_bad_option_values_before_starting_ranks(argv, named, capsys, monkeypatch):
+    from usp_npu import cli
+
+    def no_ranks(*args, **kwargs):
+        raise AssertionError("ranks were started for an invalid configuration")
+
+    monkeypatch.setattr("usp_npu.testing.launcher.ProcessGroupPool.start", no_ranks)
+    assert cli.main(["demo", "--world-size", "4", "--seq-length", "64", *argv]) == 2
+    assert named in capsys.readouterr().err
