@@ -51,6 +51,9 @@ CASES = {
     "u2-r4-w2-general-random": _case(8, 2, "general", "random", algo=HYBRID, ulysses_degree=2),
     "u2-r4-w2-causal-bf16": _case(8, 2, algo=HYBRID, ulysses_degree=2, dtype="bfloat16"),
     "tp2-r4-w2-general-GQA": _case(4, 2, "general", kv=2, tp=2),
+    "r4-w2-causal-npu-emulated": _case(
+        4, 2, kv=2, dtype="float32", backend="npu", emulate_npu=True, kv_cache="half"
+    ),
 }
 
 

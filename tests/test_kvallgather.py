@@ -36,6 +36,9 @@ KVAG_CASES = {
     "cp8-causal-GQA": _kvag(8, kv=2),
     "cp8-general-random-MHA-fp32": _kvag(8, "general", "random", dtype="float32"),
     "tp2-cp4-causal-GQA": _kvag(4, kv=2, tp=2),
+    "cp4-general-random-npu-emulated": _kvag(
+        4, "general", "random", kv=2, dtype="float32", backend="npu", emulate_npu=True
+    ),
 }
 
 
@@ -69,6 +72,7 @@ ALLGATHER_CASES = {
     "u8-kv2-causal-fp32": _uly(8, 2, dtype="float32"),
     "u8-kv1-general-random": _uly(8, 1, "general", "random"),
     "tp2-u2-kv1-causal": _uly(2, 2, heads=8, tp=2),
+    "u4-kv1-causal-npu-emulated": _uly(4, 1, dtype="float32", backend="npu", emulate_npu=True),
 }
 
 
