@@ -24,12 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from usp_npu.comm.all_to_all import (
-    _heads_to_sequence,
-    heads_to_sequence,
-    replicate_kv_heads,
-)
-from usp_npu.comm.allgather import all_gather_blocks, all_gather_sequence
+from usp_npu.comm.all_to_all import heads_to_sequence, replicate_kv_heads
+from usp_npu.comm.allgather import all_gather_sequence
 from usp_npu.comm.stats import CommStats
 from usp_npu.parallel_state import ContextParallelMesh
 
@@ -73,20 +69,17 @@ def ulysses_heads_to_sequence(
     if mesh.config.use_ulysses_allgather_kv:
         heads = kv_head_range(q.shape[2], k.shape[2], u, mesh.ulysses_rank)
 
-        def gather(x: torch.Tensor, differentiable: bool = True) -> torch.Tensor:
-            if differentiable:
-                return all_gather_sequence(x, group, stats)[:, :, heads]
-            return all_gather_blocks(x, group, stats).flatten(0, 1)[:, :, heads]
+        def gather(x: torch.Tensor) -> torch.Tensor:
+            # a copy of this rank's heads (no-op when it uses them all), so that the gathered
+            # buffer with every K/V head is not kept alive for the backward
+            return all_gather_sequence(x, group, stats)[:, :, heads].contiguous()
 
-        (q,) = heads_to_sequence([q], group, stats)
-        q_post, k_post, v_post = q, gather(k), gather(v)
+        (q_post,) = heads_to_sequence([q], group, stats)
+        k_post, v_post = gather(k), gather(v)
     else:
 
-        def gather(x: torch.Tensor, differentiable: bool = True) -> torch.Tensor:
-            x = replicate_kv_heads(x, u)
-            if differentiable:
-                return heads_to_sequence([x], group, stats)[0]
-            return _heads_to_sequence([x], group, stats)[0]
+        def gather(x: torch.Tensor) -> torch.Tensor:
+            return heads_to_sequence([replicate_kv_heads(x, u)], group, stats)[0]
 
         kr, vr = replicate_kv_heads(k, u), replicate_kv_heads(v, u)
         if policy is None:  # one all-to-all for all three
@@ -99,12 +92,11 @@ def ulysses_heads_to_sequence(
             (k_post,) = heads_to_sequence([kr], group, stats)
     if policy is None:
         return q_post, k_post, v_post, None
+    # rebuild runs inside the ring's backward, where autograd records nothing: the same
+    # communication functions as the forward, without a graph
     pre_k, pre_v = k.detach(), v.detach()
     if policy == "full":
-        restore = KVRestore(
-            (pre_k, pre_v),
-            lambda kk, vv: (gather(kk, differentiable=False), gather(vv, differentiable=False)),
-        )
+        restore = KVRestore((pre_k, pre_v), lambda kk, vv: (gather(kk), gather(vv)))
     else:
-        restore = KVRestore((pre_k, v_post), lambda kk, vv: (gather(kk, differentiable=False), vv))
+        restore = KVRestore((pre_k, v_post), lambda kk, vv: (gather(kk), vv))
     return q_post, k_post, v_post, restore

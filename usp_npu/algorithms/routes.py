@@ -22,11 +22,14 @@ backward unless cached) and ``R - 1`` dK/dV accumulators; the double ring splits
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
 from usp_npu.comm.allgather import all_gather_blocks, reduce_scatter_blocks
 from usp_npu.comm.ring import PendingRecv, RingExchange
 from usp_npu.comm.stats import CommStats
+from usp_npu.config import KVALLGATHER
 from usp_npu.parallel_state import ContextParallelMesh
 
 
@@ -42,6 +45,42 @@ def double_ring_order(ring_rank: int, ring_size: int, window: int) -> list[int]:
     ]
 
 
+class Route(Protocol):
+    """What the ring loop asks of a route; ``t`` is the step index in the schedule's order.
+
+    Blocks are ``[2, L, B, N, D]`` (K and V stacked) or, for the half KV cache's backward, V
+    alone; dK/dV accumulators are ``[2, L, B, N, D]`` in the accumulation dtype.
+    """
+
+    def first(self, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The block of step 0 (the own block)."""
+        ...
+
+    def send(self, t: int, block: torch.Tensor, what: str = "kv") -> None:
+        """Post the transfers step ``t`` starts, given the block it holds."""
+        ...
+
+    def receive(self, t: int, what: str = "kv") -> torch.Tensor:
+        """The block of step ``t + 1`` (waits for it)."""
+        ...
+
+    def dkv_buffer(self, t: int, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The accumulator step ``t`` adds its dK/dV piece into (fresh or received)."""
+        ...
+
+    def pass_dkv(self, t: int, dkv: torch.Tensor) -> None:
+        """Hand the accumulator on after step ``t`` added its piece."""
+        ...
+
+    def finish_dkv(self) -> torch.Tensor:
+        """The own block's finished dK/dV, after the last step."""
+        ...
+
+
+def _stack(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return torch.stack([k, v])
+
+
 class PlainRoute:
     """The ring: send to the next ring rank, receive from the previous one."""
 
@@ -52,8 +91,7 @@ class PlainRoute:
         self.home: torch.Tensor | None = None
 
     def first(self, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """The own block ``[2, L, B, N, D]`` (step 0)."""
-        return torch.stack([k, v])
+        return _stack(k, v)
 
     def send(self, t: int, block: torch.Tensor, what: str = "kv") -> None:
         self._kv = self.ring.start(block, f"ring_{what}")
@@ -140,7 +178,7 @@ class DoubleRingRoute(PlainRoute):
         return self.home.add_(self.inner.start(done, "ring_inner_dkv").wait())
 
 
-class AllGatherRoute(PlainRoute):
+class AllGatherRoute:
     """kvallgather: every block is local after one all-gather; dK/dV are reduce-scattered."""
 
     def __init__(
@@ -151,7 +189,7 @@ class AllGatherRoute(PlainRoute):
         self.dkv_all: torch.Tensor | None = None
 
     def first(self, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        self.gathered = all_gather_blocks(torch.stack([k, v]), self.group, self.stats)
+        self.gathered = all_gather_blocks(_stack(k, v), self.group, self.stats)
         return self.gathered[self.sources[0]]
 
     def send(self, t: int, block: torch.Tensor, what: str = "kv") -> None:
@@ -173,15 +211,12 @@ class AllGatherRoute(PlainRoute):
         return reduce_scatter_blocks(self.dkv_all, self.group, self.stats)
 
 
-Route = PlainRoute  # the interface every route implements
-
-
 def build_route(
     mesh: ContextParallelMesh,
     steps: list,
     stats: CommStats | None,
     blocking: bool = False,
-) -> tuple[list, PlainRoute | None]:
+) -> tuple[list, Route | None]:
     """The route for this mesh's algorithm and the schedule's steps in the order it visits them.
 
     ``steps``: the ring schedule (step ``t`` holds the block of ring rank ``ring_rank - t``);
@@ -190,7 +225,7 @@ def build_route(
     cfg = mesh.config
     if mesh.ring_size == 1:
         return steps, None
-    if cfg.context_parallel_algo == "kvallgather_cp_algo":
+    if cfg.context_parallel_algo == KVALLGATHER:
         return steps, AllGatherRoute(mesh, stats, [s.source for s in steps])
     if cfg.cp_window_size > 1:
         by_source = {s.source: s for s in steps}

@@ -13,6 +13,7 @@ from usp_npu.algorithms.routes import build_route
 from usp_npu.algorithms.schedule import ring_schedule
 from usp_npu.comm.all_to_all import sequence_to_heads
 from usp_npu.comm.stats import CommStats
+from usp_npu.config import KVALLGATHER
 from usp_npu.kernels.base import BlockKernel
 from usp_npu.parallel_state import ContextParallelMesh
 
@@ -48,7 +49,7 @@ def usp_attention(
     steps = ring_schedule(mesh.ring_rank, r, q.shape[0], mesh.config.causal, mask)
     steps, route = build_route(mesh, steps, stats, blocking_comm)
     ring_cache = kv_cache if r > 1 else None
-    if mesh.config.context_parallel_algo == "kvallgather_cp_algo" and r > 1:
+    if mesh.config.context_parallel_algo == KVALLGATHER and r > 1:
         ring_cache = "full"  # the gathered blocks are kept: the backward receives nothing
     plan = RingPlan(steps, kernel, scale, merge, route, ring_cache, restore)
     out = ring_attention(q, k, v, plan)
