@@ -119,3 +119,30 @@ def test_every_step_computes_the_balanced_block_of_its_source(pools, cp, window)
                 want = (local, local // 2, False) if src < rank else (local // 2, local, False)
                 assert shapes[t] == want, (rank, phase, t, src, shapes)
             assert sum(q * k for q, k, _ in shapes[1:]) == (cp - 1) * local * local // 2
+
+
+def _double_ring_mesh(overlap: bool):
+    from usp_npu.parallel_state import get_ring_inner_group, get_ring_outer_group
+
+    cfg = ContextParallelConfig(8, HYBRID, 2, cp_window_size=2, use_cp_send_recv_overlap=overlap)
+    mesh = initialize_context_parallel(cfg)
+    return {
+        "inner": mesh.ring_inner_ranks,
+        "outer": mesh.ring_outer_ranks,
+        "inner_size": torch.distributed.get_world_size(get_ring_inner_group()),
+        "outer_size": torch.distributed.get_world_size(get_ring_outer_group()),
+        "overlap_groups": [
+            g is not None for g in (mesh.ring_inner_overlap_group, mesh.ring_outer_overlap_group)
+        ],
+    }
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_every_rank_gets_its_window_and_outer_ring(pools, overlap):
+    # cp 8, u 2: rings {0,2,4,6} and {1,3,5,7}; windows of 2 ring ranks
+    inner = {0: (0, 2), 2: (0, 2), 4: (4, 6), 6: (4, 6), 1: (1, 3), 3: (1, 3), 5: (5, 7), 7: (5, 7)}
+    outer = {0: (0, 4), 4: (0, 4), 2: (2, 6), 6: (2, 6), 1: (1, 5), 5: (1, 5), 3: (3, 7), 7: (3, 7)}
+    for rank, got in enumerate(pools(8).run(_double_ring_mesh, overlap)):
+        assert (got["inner"], got["outer"]) == (inner[rank], outer[rank])
+        assert got["inner_size"] == got["outer_size"] == 2
+        assert got["overlap_groups"] == [overlap, overlap]

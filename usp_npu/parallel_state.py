@@ -269,3 +269,13 @@ def get_ring_rank() -> int:
 
 def get_ring_world_size() -> int:
     return get_mesh().ring_size
+
+
+def get_ring_inner_group() -> ProcessGroup | None:
+    """Double ring: this rank's window (``--cp-window-size`` consecutive ring ranks), else None."""
+    return get_mesh().ring_inner_group
+
+
+def get_ring_outer_group() -> ProcessGroup | None:
+    """Double ring: the ring ranks at this rank's window position, one per window, else None."""
+    return get_mesh().ring_outer_group
