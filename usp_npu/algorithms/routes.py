@@ -81,6 +81,14 @@ def _stack(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return torch.stack([k, v])
 
 
+def _take(holder: object, name: str) -> torch.Tensor:
+    """Wait for the transfer in ``holder.<name>`` and forget it: the route lives as long as the
+    autograd graph, and must not keep a received block alive from the forward to the backward."""
+    pending = getattr(holder, name)
+    setattr(holder, name, None)
+    return pending.wait()
+
+
 class PlainRoute:
     """The ring: send to the next ring rank, receive from the previous one."""
 
@@ -97,7 +105,7 @@ class PlainRoute:
         self._kv = self.ring.start(block, f"ring_{what}")
 
     def receive(self, t: int, what: str = "kv") -> torch.Tensor:
-        return self._kv.wait()
+        return _take(self, "_kv")
 
     def dkv_buffer(self, t: int, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if t == 0:
@@ -105,7 +113,7 @@ class PlainRoute:
             return self.home
         if t == 1:  # step 1 starts the accumulator of the block it holds
             return torch.zeros(like.shape, dtype=dtype, device=like.device)
-        return self._dkv.wait()  # from the rank that held this block one step ago
+        return _take(self, "_dkv")  # from the rank that held this block one step ago
 
     def pass_dkv(self, t: int, dkv: torch.Tensor) -> None:
         if t > 0:
@@ -113,7 +121,8 @@ class PlainRoute:
 
     def finish_dkv(self) -> torch.Tensor:
         """The own block's dK/dV: the home piece plus every other rank's, arrived."""
-        return self.home.add_(self._dkv.wait())
+        home, self.home = self.home, None
+        return home.add_(_take(self, "_dkv"))
 
 
 class DoubleRingRoute(PlainRoute):
@@ -147,7 +156,7 @@ class DoubleRingRoute(PlainRoute):
 
     def receive(self, t: int, what: str = "kv") -> torch.Tensor:
         s = t % self.w
-        return (self._inner_kv if s + 1 < self.w else self._outer_kv).wait()
+        return _take(self, "_inner_kv" if s + 1 < self.w else "_outer_kv")
 
     def dkv_buffer(self, t: int, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         o, s = divmod(t, self.w)
@@ -157,9 +166,9 @@ class DoubleRingRoute(PlainRoute):
         if (o == 0 and s == 1) or (o > 0 and s == 0):  # first holder of the block this round
             acc = torch.zeros(like.shape, dtype=dtype, device=like.device)
         else:
-            acc = self._inner_dkv.wait()
+            acc = _take(self, "_inner_dkv")
         if s == self.w - 1 and o >= 2:  # the chain of the previous window, over the outer ring
-            acc += self._outer_dkv.wait()
+            acc += _take(self, "_outer_dkv")
         return acc
 
     def pass_dkv(self, t: int, dkv: torch.Tensor) -> None:
@@ -174,8 +183,9 @@ class DoubleRingRoute(PlainRoute):
             self._outer_dkv = self.outer.start(dkv, "ring_outer_dkv")
 
     def finish_dkv(self) -> torch.Tensor:
-        done = self._parked.add_(self._outer_dkv.wait())  # all but the home piece of one block
-        return self.home.add_(self.inner.start(done, "ring_inner_dkv").wait())
+        parked, home, self._parked, self.home = self._parked, self.home, None, None
+        done = parked.add_(_take(self, "_outer_dkv"))  # all but the home piece of one block
+        return home.add_(self.inner.start(done, "ring_inner_dkv").wait())
 
 
 class AllGatherRoute:
@@ -208,7 +218,8 @@ class AllGatherRoute:
         pass  # accumulated in place, sent once at the end
 
     def finish_dkv(self) -> torch.Tensor:
-        return reduce_scatter_blocks(self.dkv_all, self.group, self.stats)
+        dkv_all, self.dkv_all = self.dkv_all, None
+        return reduce_scatter_blocks(dkv_all, self.group, self.stats)
 
 
 def build_route(
