@@ -96,3 +96,51 @@ def test_ulysses_allgather_kv_matches_dense_and_the_byte_model(pools, case):
     assert kv_ag * replicated == kv_rep * nkv * u
     if nkv == 1:
         assert kv_ag == kv_rep  # MindSpeed's case: the same bytes, no replicated copies
+
+
+def _bad_option_calls():
+    """Bad calls with the new options, on every rank; then a collective proves nobody hung."""
+    import torch
+    import torch.distributed as dist
+
+    from usp_npu import context_parallel_attention
+    from usp_npu.config import ContextParallelConfig
+    from usp_npu.parallel_state import initialize_context_parallel
+
+    def t(*shape):
+        return torch.randn(*shape)
+
+    ag = ContextParallelConfig(2, ULYSSES, use_ulysses_allgather_kv=True)
+    kvag = ContextParallelConfig(2, KVAG)
+    calls = [
+        (ag, lambda: context_parallel_attention(*(t(1, 8, 4, 8) for _ in range(3)))),
+        (kvag, lambda: context_parallel_attention(*(t(1, 3, 4, 8) for _ in range(3)))),
+        (ContextParallelConfig(2, RING, cp_window_size=2), None),  # w must be below r = 2
+        (ContextParallelConfig(2, RING, context_parallel_cache_interval=1), None),
+    ]
+    messages = []
+    for cfg, call in calls:
+        try:
+            initialize_context_parallel(cfg)
+            call()
+            messages.append(None)
+        except ValueError as err:
+            messages.append(str(err))
+    ok = torch.ones(1)
+    dist.all_reduce(ok)
+    return messages, ok.item()
+
+
+def test_bad_option_input_raises_on_every_rank_before_any_collective(pools):
+    results = pools(2).run(_bad_option_calls)
+    fragments = [
+        "--use-ulysses-allgather-kv",
+        "--seq-length 6",
+        "--cp-window-size 2",
+        "--context-parallel-cache-interval 1",
+    ]
+    for messages, total in results:
+        assert total == 2.0  # no rank is stuck in a collective
+        for fragment, message in zip(fragments, messages, strict=True):
+            assert message is not None and fragment in message, (fragment, message)
+    assert results[0][0] == results[1][0]  # the same error on every rank
