@@ -9,7 +9,9 @@ context-parallel attention (float32, the torch block kernel, causal) and reports
 - bytes it sent per group and direction (CommStats kinds), checked against the model in
   ``usp_npu.comm.volume`` (a mismatch is printed as an error);
 - bytes saved for the backward (``saved_tensors_hooks``, once per storage);
-- wall time of one step (the slowest rank, median over repeats).
+- wall time of one step (the slowest rank, median over repeats) and the CPU time of one step
+  (each rank's main thread, mean over ranks: compute and copies, not waiting), which a busy
+  machine disturbs far less than wall time.
 
 Eight CPU ranks time-share the cores of this machine: the times compare options within one run,
 they are not cluster throughput.
@@ -87,10 +89,10 @@ def run_rank(option: Option, seq: int, heads: int, head_dim: int, repeats: int) 
     local = seq // option.cfg.context_parallel_size
     shapes = [(1, local, heads, head_dim)] + [(1, local, option.kv_heads, head_dim)] * 2
     q, k, v = (torch.randn(s, generator=g).requires_grad_() for s in shapes)
-    stats, times, held, fwd, bwd = CommStats(), [], 0, {}, {}
+    stats, times, cpu, held, fwd, bwd = CommStats(), [], [], 0, {}, {}
     for i in range(repeats + 1):  # the first run warms up
         stats.reset()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         out, held = saved_tensor_bytes(
             lambda: context_parallel_attention(q, k, v, "BSND", mesh=mesh, comm_stats=stats)
         )
@@ -98,8 +100,15 @@ def run_rank(option: Option, seq: int, heads: int, head_dim: int, repeats: int) 
         out.backward(torch.ones_like(out))
         if i:
             times.append(time.perf_counter() - t0)
+            cpu.append(time.thread_time() - c0)
         bwd = {kind: n - fwd.get(kind, 0) for kind, n in stats.sent.items()}
-    return {"time_s": statistics.median(times), "held": held, "fwd": fwd, "bwd": bwd}
+    return {
+        "time_s": statistics.median(times),
+        "cpu_s": statistics.median(cpu),
+        "held": held,
+        "fwd": fwd,
+        "bwd": bwd,
+    }
 
 
 def _by_group(sent: dict[str, int]) -> str:
@@ -137,6 +146,7 @@ def main() -> None:
                     "yes" if got == want else "NO",
                     max(r["held"] for r in ranks) / 2**20,
                     max(r["time_s"] for r in ranks) * 1e3,
+                    statistics.mean(r["cpu_s"] for r in ranks) * 1e3,
                 )
             )
     print(
@@ -144,11 +154,12 @@ def main() -> None:
         "causal; MiB per rank\n"
     )
     print(
-        "| option | forward MiB by group | backward MiB by group | = model | held MiB | ms/step |"
+        "| option | forward MiB by group | backward MiB by group | = model | held MiB "
+        "| wall ms/step | CPU ms/step |"
     )
-    print("|---|---|---|---|---|---|")
-    for label, f, b, ok, held, ms in rows:
-        print(f"| {label} | {f} | {b} | {ok} | {held:.2f} | {ms:.0f} |")
+    print("|---|---|---|---|---|---|---|")
+    for label, f, b, ok, held, ms, cpu in rows:
+        print(f"| {label} | {f} | {b} | {ok} | {held:.2f} | {ms:.0f} | {cpu:.0f} |")
 
 
 if __name__ == "__main__":
