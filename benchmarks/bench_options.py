@@ -1,7 +1,7 @@
 """MindSpeed's other CP options at world 8: bytes per rank per group, memory held for the
 backward, time per step.
 
-    python benchmarks/bench_options.py [--seq 4096] [--repeats 2] [--markdown]
+    python benchmarks/bench_options.py [--seq 4096] [--repeats 2] [--heads 8] [--head-dim 64]
 
 For every option beside the plain algorithm it replaces, each rank runs forward + backward of
 context-parallel attention (float32, the torch block kernel, causal) and reports:
