@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from usp_npu.config import ALGORITHMS, BACKENDS, MASK_TYPES, ULYSSES
+from usp_npu.config import ALGORITHMS, BACKENDS, KV_CACHE_POLICIES, MASK_TYPES, ULYSSES
 
 
 def _flag_already_added(parser: argparse.ArgumentParser, flag: str) -> bool:
@@ -26,7 +26,8 @@ def add_context_parallel_args(parser: argparse.ArgumentParser) -> argparse.Argum
             {
                 "default": ULYSSES,
                 "choices": ALGORITHMS,
-                "help": "ulysses_cp_algo (all-to-all), megatron_cp_algo (ring) or hybrid_cp_algo (USP)",
+                "help": "ulysses_cp_algo (all-to-all), megatron_cp_algo (ring), hybrid_cp_algo "
+                "(USP) or kvallgather_cp_algo (K/V all-gathered once)",
             },
         ),
         (
@@ -74,6 +75,40 @@ def add_context_parallel_args(parser: argparse.ArgumentParser) -> argparse.Argum
                 "default": None,
                 "help": "merge ring steps with the fused op (C++ on CPU, torch_npu on NPU); "
                 "default: wherever one is available; --no-... forces the composed formula",
+            },
+        ),
+        (
+            "--cp-window-size",
+            {
+                "type": int,
+                "default": 1,
+                "help": "double ring: windows of this many consecutive ring ranks (inner ring), "
+                "an outer ring across windows; 1 = plain ring",
+            },
+        ),
+        (
+            "--context-parallel-kv-cache-policy",
+            {
+                "default": None,
+                "choices": KV_CACHE_POLICIES,
+                "help": "ring: keep received K/V (full) or K (half) for the backward; Ulysses: "
+                "keep pre-all-to-all K/V (full) or K (half) and redo the all-to-all",
+            },
+        ),
+        (
+            "--context-parallel-cache-interval",
+            {
+                "type": int,
+                "default": 0,
+                "help": "0: the KV cache policy applies to every layer; n > 0: only to layers "
+                "with layer_number %% (n + 1) == 1",
+            },
+        ),
+        (
+            "--use-ulysses-allgather-kv",
+            {
+                "action": "store_true",
+                "help": "Ulysses with GQA: all-gather K/V and all-to-all only the queries",
             },
         ),
     ]

@@ -106,6 +106,7 @@ def context_parallel_attention(
     dropout_p: float = 0.0,
     mesh: ContextParallelMesh | None = None,
     comm_stats: CommStats | None = None,
+    layer_number: int | None = None,
 ) -> torch.Tensor:
     """Attention over the whole CP group's sequence, from and to this rank's shards.
 
@@ -127,6 +128,9 @@ def context_parallel_attention(
             mask (seed, offset) in the backward.
         mesh: defaults to the mesh of :func:`usp_npu.initialize_context_parallel`.
         comm_stats: if given, bytes sent are counted into it.
+        layer_number: this layer's number (1-based, as Megatron counts) for
+            ``--context-parallel-cache-interval`` n: the KV cache policy applies when n is 0 or
+            ``layer_number % (n + 1) == 1``; ``None`` = as if the layer qualifies.
 
     Returns:
         The local output, same layout and shape as ``q``. Differentiable w.r.t. q, k, v.
@@ -158,6 +162,7 @@ def context_parallel_attention(
         merge=merge,
         mask=attention_mask,
         stats=comm_stats,
+        kv_cache=cfg.kv_cache_policy(layer_number),
         cu_seqlens=cu,
     )
     return from_canonical(out, layout)
@@ -167,7 +172,10 @@ class USPAttention(nn.Module):
     """Context-parallel core attention as a module (no parameters).
 
     ``forward(q, k, v, attention_mask=None, cu_seqlens=None)`` takes and returns local shards in
-    ``layout``; see :func:`context_parallel_attention` (``cu_seqlens``: packed sequences). ``mesh=None`` uses the current mesh at call time.
+    ``layout``; see :func:`context_parallel_attention` (``cu_seqlens``: packed sequences).
+    ``mesh=None`` uses the current mesh at call time. ``layer_number`` (1-based) decides whether
+    the KV cache policy applies to this layer (``--context-parallel-cache-interval``); ``None`` =
+    it does.
     """
 
     def __init__(
@@ -177,13 +185,14 @@ class USPAttention(nn.Module):
         head_dim: int | None = None,
         mesh: ContextParallelMesh | None = None,
         dropout_p: float = 0.0,
+        layer_number: int | None = None,
     ):
         super().__init__()
         check_layout(layout)
         if layout == "SBH" and head_dim is None:
             raise ValueError("USPAttention(layout='SBH') needs head_dim=")
         self.layout, self.softmax_scale, self.head_dim = layout, softmax_scale, head_dim
-        self.mesh, self.dropout_p = mesh, dropout_p
+        self.mesh, self.dropout_p, self.layer_number = mesh, dropout_p, layer_number
         self.comm_stats: CommStats | None = None
 
     def forward(
@@ -197,7 +206,7 @@ class USPAttention(nn.Module):
         return context_parallel_attention(
             q, k, v, self.layout, self.softmax_scale, self.head_dim, attention_mask, cu_seqlens,
             dropout_p=self.dropout_p if self.training else 0.0,
-            mesh=self.mesh, comm_stats=self.comm_stats,
+            mesh=self.mesh, comm_stats=self.comm_stats, layer_number=self.layer_number,
         )  # fmt: skip
 
     def extra_repr(self) -> str:

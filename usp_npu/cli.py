@@ -126,6 +126,10 @@ def _case_from_args(args, world: int) -> AttentionCase:
         head_dim=args.head_dim,
         backend=cfg.attention_backend,
         overlap=cfg.use_cp_send_recv_overlap,
+        window=cfg.cp_window_size,
+        kv_cache=cfg.context_parallel_kv_cache_policy,
+        cache_interval=cfg.context_parallel_cache_interval,
+        allgather_kv=cfg.use_ulysses_allgather_kv,
     )
 
 

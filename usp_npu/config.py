@@ -14,8 +14,10 @@ from dataclasses import dataclass, fields
 ULYSSES = "ulysses_cp_algo"
 RING = "megatron_cp_algo"
 HYBRID = "hybrid_cp_algo"
-ALGORITHMS = (ULYSSES, RING, HYBRID)
+KVALLGATHER = "kvallgather_cp_algo"
+ALGORITHMS = (ULYSSES, RING, HYBRID, KVALLGATHER)
 MASK_TYPES = ("causal", "general")
+KV_CACHE_POLICIES = ("full", "half")
 BACKENDS = ("auto", "npu", "torch", "reference")
 
 
@@ -30,7 +32,8 @@ class ContextParallelConfig:
     Attributes:
         context_parallel_size: CP degree ``cp`` (``--context-parallel-size``).
         context_parallel_algo: ``ulysses_cp_algo`` | ``megatron_cp_algo`` (ring) |
-            ``hybrid_cp_algo`` (USP).
+            ``hybrid_cp_algo`` (USP) | ``kvallgather_cp_algo`` (K/V all-gathered once, local
+            queries; the ring's split).
         ulysses_degree_in_cp: Ulysses degree ``u`` for the hybrid algorithm; ring degree is cp/u.
         attention_mask_type: ``causal`` (load-balanced split) or ``general`` (full or explicit mask,
             contiguous split).
@@ -40,6 +43,17 @@ class ContextParallelConfig:
         use_fused_ring_attention_update: merge ring steps with the fused op (C++ on CPU,
             ``npu_ring_attention_update`` on NPU): ``None`` = where one exists, ``True`` = always
             (error if unavailable), ``False`` = the composed PyTorch formula.
+        cp_window_size: double ring (ring and hybrid): ring ranks are cut into windows of this
+            many consecutive ring ranks; an inner ring runs inside each window, an outer ring
+            across windows. ``1`` = the plain ring.
+        context_parallel_kv_cache_policy: ``None`` | ``full`` | ``half``. Ring: keep the K/V
+            blocks (full) or only K (half) received in the forward so the backward does not
+            receive them again. Ulysses: keep the K/V before the all-to-all (full: K and V;
+            half: K) and redo that all-to-all in the backward, instead of keeping its output.
+        context_parallel_cache_interval: ``0`` applies the policy to every layer; ``n > 0`` only
+            to layers with ``layer_number % (n + 1) == 1`` (MindSpeed's rule).
+        use_ulysses_allgather_kv: Ulysses with GQA: all-gather K/V over the Ulysses group and
+            all-to-all only the queries, instead of replicating K/V heads before the all-to-all.
     """
 
     context_parallel_size: int = 1
@@ -50,6 +64,10 @@ class ContextParallelConfig:
     use_cp_send_recv_overlap: bool = False
     megatron_cp_in_bnsd: bool = False
     use_fused_ring_attention_update: bool | None = None
+    cp_window_size: int = 1
+    context_parallel_kv_cache_policy: str | None = None
+    context_parallel_cache_interval: int = 0
+    use_ulysses_allgather_kv: bool = False
 
     @classmethod
     def from_args(cls, args: object) -> ContextParallelConfig:
@@ -68,7 +86,7 @@ class ContextParallelConfig:
         cp = self.context_parallel_size
         if self.context_parallel_algo == ULYSSES:
             return cp
-        if self.context_parallel_algo == RING:
+        if self.context_parallel_algo in (RING, KVALLGATHER):
             return 1
         return self.ulysses_degree_in_cp or 1
 
@@ -95,9 +113,11 @@ class ContextParallelConfig:
         num_query_groups: int | None = None,
         world_size: int | None = None,
         pipeline_model_parallel_size: int = 1,
+        num_layers: int | None = None,
     ) -> ContextParallelConfig:
         """Check every rule for this algorithm; raise ValueError naming the flag(s) to change.
 
+        ``num_layers`` (optional) checks ``--context-parallel-cache-interval < --num-layers``.
         Returns ``self`` so calls can be chained.
         """
         problems = self.settings_errors()
@@ -110,6 +130,13 @@ class ContextParallelConfig:
                 num_attention_heads, num_query_groups, tensor_model_parallel_size
             )
             problems += self.sequence_errors(seq_length)
+            problems += self.gqa_option_errors(num_attention_heads, num_query_groups)
+            n = self.context_parallel_cache_interval
+            if num_layers is not None and n >= num_layers > 0:
+                problems.append(
+                    f"--context-parallel-cache-interval {n} must be smaller than --num-layers "
+                    f"{num_layers} (no layer would be cached beyond the first)"
+                )
         if problems:
             raise ValueError("invalid context-parallel settings:\n  - " + "\n  - ".join(problems))
         return self
@@ -160,7 +187,87 @@ class ContextParallelConfig:
                     "would be 1, which is plain Ulysses; use --context-parallel-algo ulysses_cp_algo "
                     "or choose a smaller --ulysses-degree-in-cp"
                 )
+        if not errors:
+            errors += self.option_errors()
         return errors
+
+    def option_errors(self) -> list[str]:
+        """Rules on the double-ring, KV-cache and all-gather-KV flags (MindSpeed's, spelled out)."""
+        cp, algo, w = self.context_parallel_size, self.context_parallel_algo, self.cp_window_size
+        errors = []
+        if not isinstance(w, int) or isinstance(w, bool) or w < 1:
+            errors.append(f"--cp-window-size must be an integer >= 1, got {w!r}")
+        elif w > 1:
+            r = self.ring_degree
+            ring = f"ring degree {r} (--context-parallel-size {cp}" + (
+                f" / --ulysses-degree-in-cp {self.ulysses_degree})" if algo == HYBRID else ")"
+            )
+            valid = [d for d in _divisors(r) if d < r]
+            if algo not in (RING, HYBRID):
+                errors.append(
+                    f"--cp-window-size {w} (double ring) needs a ring: --context-parallel-algo "
+                    f"megatron_cp_algo or hybrid_cp_algo, not {algo}; drop the flag or switch "
+                    "the algorithm"
+                )
+            elif w >= r or r % w != 0:
+                errors.append(
+                    f"--cp-window-size {w} must divide the {ring} and be smaller than it "
+                    f"(windows of w consecutive ring ranks); valid values: "
+                    f"{', '.join(map(str, valid))}"
+                )
+        policy, interval = (
+            self.context_parallel_kv_cache_policy,
+            self.context_parallel_cache_interval,
+        )
+        if policy is not None:
+            if policy not in KV_CACHE_POLICIES:
+                errors.append(
+                    f"--context-parallel-kv-cache-policy must be full or half, got {policy!r}"
+                )
+            elif cp == 1:
+                errors.append(
+                    f"--context-parallel-kv-cache-policy {policy} needs --context-parallel-size "
+                    "> 1 (there is no K/V communication to save or redo with cp 1)"
+                )
+            elif algo == KVALLGATHER:
+                errors.append(
+                    f"--context-parallel-kv-cache-policy {policy} applies to ulysses_cp_algo, "
+                    "megatron_cp_algo and hybrid_cp_algo; kvallgather_cp_algo already keeps the "
+                    "gathered K/V for the backward: drop the flag"
+                )
+        if not isinstance(interval, int) or isinstance(interval, bool) or interval < 0:
+            errors.append(
+                f"--context-parallel-cache-interval must be an integer >= 0, got {interval!r}"
+            )
+        elif interval > 0 and policy is None:
+            errors.append(
+                f"--context-parallel-cache-interval {interval} only applies with "
+                "--context-parallel-kv-cache-policy full or half; set a policy or drop the "
+                "interval"
+            )
+        if self.use_ulysses_allgather_kv:
+            if algo != ULYSSES:
+                errors.append(
+                    "--use-ulysses-allgather-kv needs --context-parallel-algo ulysses_cp_algo, "
+                    f"not {algo}"
+                )
+            elif cp == 1:
+                errors.append(
+                    "--use-ulysses-allgather-kv needs --context-parallel-size > 1 (there is no "
+                    "Ulysses group with cp 1)"
+                )
+        return errors
+
+    def kv_cache_policy(self, layer_number: int | None = None) -> str | None:
+        """The KV cache policy for layer ``layer_number`` (1-based, as Megatron counts).
+
+        ``--context-parallel-cache-interval`` ``n``: 0 caches every layer, ``n > 0`` only
+        layers with ``layer_number % (n + 1) == 1``; ``None`` counts as a cached layer.
+        """
+        policy, n = self.context_parallel_kv_cache_policy, self.context_parallel_cache_interval
+        if policy is None or n == 0 or layer_number is None:
+            return policy
+        return policy if layer_number % (n + 1) == 1 else None
 
     def parallel_errors(
         self,
@@ -238,11 +345,33 @@ class ContextParallelConfig:
             return [
                 f"{local_heads} query heads are not a multiple of {local_kv_heads} key/value heads"
             ]
+        # all-gather KV: every rank gathers all K/V heads; the rule below still makes each
+        # rank's query heads use whole K/V heads
+        if self.use_ulysses_allgather_kv and u > 1 and local_kv_heads >= local_heads:
+            return [
+                "--use-ulysses-allgather-kv needs fewer key/value heads than query heads "
+                f"(grouped-query attention); got {local_kv_heads} K/V and {local_heads} query "
+                "heads per tensor-parallel rank: drop the flag"
+            ]
         if u > 1 and local_kv_heads % u != 0 and u % local_kv_heads != 0:
             return [
                 f"{local_kv_heads} key/value heads per tensor-parallel rank and Ulysses degree {u}: "
                 "one must divide the other (K/V heads are split, or replicated, across the Ulysses "
                 f"group); change --num-query-groups or {self.ulysses_flag} (Ulysses degree {u})"
+            ]
+        return []
+
+    def gqa_option_errors(
+        self, num_attention_heads: int, num_query_groups: int | None
+    ) -> list[str]:
+        """``--use-ulysses-allgather-kv`` is for grouped-query attention (fewer K/V heads)."""
+        if not self.use_ulysses_allgather_kv:
+            return []
+        if num_query_groups is None or num_query_groups >= num_attention_heads:
+            return [
+                "--use-ulysses-allgather-kv needs grouped-query attention: --num-query-groups "
+                f"{num_query_groups} must be given and below --num-attention-heads "
+                f"{num_attention_heads}"
             ]
         return []
 
@@ -256,7 +385,7 @@ class ContextParallelConfig:
             need, why = cp, f"--context-parallel-size {cp}"
             if algo == HYBRID:
                 why = f"ring degree {r} x --ulysses-degree-in-cp {u} = {cp}"
-        elif algo == RING:
+        elif algo in (RING, KVALLGATHER):
             need, why = 2 * cp, f"2 x --context-parallel-size {cp} (causal load-balanced split)"
         else:
             # 2r chunks, then each ring rank's two chunks are cut into u pieces: seq % 2r == 0 and

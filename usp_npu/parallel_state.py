@@ -41,6 +41,15 @@ class ContextParallelMesh:
     #: second communicator over ``ring_ranks`` (``--use-cp-send-recv-overlap``), else None
     ring_overlap_group: ProcessGroup | None
     rank: int
+    #: double ring (``--cp-window-size w > 1``): this rank's window of ``w`` consecutive ring
+    #: ranks (inner ring) and the ring ranks at its position in every window (outer ring)
+    ring_inner_group: ProcessGroup | None = None
+    ring_inner_ranks: tuple[int, ...] = ()
+    ring_outer_group: ProcessGroup | None = None
+    ring_outer_ranks: tuple[int, ...] = ()
+    #: second communicators over the inner / outer rings (``--use-cp-send-recv-overlap``)
+    ring_inner_overlap_group: ProcessGroup | None = None
+    ring_outer_overlap_group: ProcessGroup | None = None
 
     @property
     def cp_rank(self) -> int:
@@ -94,6 +103,21 @@ def mesh_rank_lists(
                 ulysses_groups += [members[i : i + u] for i in range(0, cp, u)]
                 ring_groups += [members[j::u] for j in range(u)]
     return cp_groups, ulysses_groups, ring_groups
+
+
+def double_ring_rank_lists(
+    ring_groups: list[list[int]], window: int
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Inner (windows of ``window`` consecutive ring ranks) and outer (same position in every
+    window) rings of every ring group, in creation order. Pure function, like
+    :func:`mesh_rank_lists`."""
+    inner, outer = [], []
+    for ring in ring_groups:
+        if len(ring) % window:
+            raise ValueError(f"--cp-window-size {window} must divide the ring degree {len(ring)}")
+        inner += [ring[i : i + window] for i in range(0, len(ring), window)]
+        outer += [ring[p::window] for p in range(window)]
+    return inner, outer
 
 
 # Groups are cached by (purpose, ranks, timeout): re-initialising with another config reuses the groups
@@ -152,6 +176,17 @@ def initialize_context_parallel(
             group = _group("ring-overlap", ranks, timeout)
             if rank in ranks:
                 overlap = group
+    double: dict[str, tuple[ProcessGroup | None, tuple[int, ...]]] = {}
+    if config.cp_window_size > 1:  # every rank creates every window's groups, in one order
+        inner_lists, outer_lists = double_ring_rank_lists(ring_lists, config.cp_window_size)
+        kinds = [("ring_inner", inner_lists), ("ring_outer", outer_lists)]
+        if config.use_cp_send_recv_overlap:
+            kinds += [("ring_inner_overlap", inner_lists), ("ring_outer_overlap", outer_lists)]
+        for kind, lists in kinds:
+            for ranks in lists:
+                group = _group(kind, ranks, timeout)
+                if rank in ranks:
+                    double[kind] = (group, tuple(ranks))
     _CURRENT = ContextParallelMesh(
         config=config,
         tensor_model_parallel_size=tensor_model_parallel_size,
@@ -163,6 +198,12 @@ def initialize_context_parallel(
         ring_ranks=mine["ring"][1],
         ring_overlap_group=overlap,
         rank=rank,
+        ring_inner_group=double.get("ring_inner", (None, ()))[0],
+        ring_inner_ranks=double.get("ring_inner", (None, ()))[1],
+        ring_outer_group=double.get("ring_outer", (None, ()))[0],
+        ring_outer_ranks=double.get("ring_outer", (None, ()))[1],
+        ring_inner_overlap_group=double.get("ring_inner_overlap", (None, ()))[0],
+        ring_outer_overlap_group=double.get("ring_outer_overlap", (None, ()))[0],
     )
     return _CURRENT
 
@@ -228,3 +269,13 @@ def get_ring_rank() -> int:
 
 def get_ring_world_size() -> int:
     return get_mesh().ring_size
+
+
+def get_ring_inner_group() -> ProcessGroup | None:
+    """Double ring: this rank's window (``--cp-window-size`` consecutive ring ranks), else None."""
+    return get_mesh().ring_inner_group
+
+
+def get_ring_outer_group() -> ProcessGroup | None:
+    """Double ring: the ring ranks at this rank's window position, one per window, else None."""
+    return get_mesh().ring_outer_group

@@ -129,7 +129,7 @@ RULES = [
     ),
     Rule(
         "19",
-        "ring, causal: `seq % (2 x cp) == 0`",
+        "ring and kvallgather, causal: `seq % (2 x cp) == 0`",
         lambda: validate(C(8, RING), seq=8200),
     ),
     Rule(
@@ -138,6 +138,50 @@ RULES = [
         "`(seq / r) % u == 0`",
         lambda: validate(C(8, HYB, 2), 32, 131076),
         "序列长度不满足切分要求，改为提示的最近合法值",
+    ),
+    Rule(
+        "21",
+        "`--cp-window-size > 1` (double ring) only with `megatron_cp_algo` / `hybrid_cp_algo`",
+        lambda: validate(C(8, cp_window_size=2)),
+    ),
+    Rule(
+        "22",
+        "`--cp-window-size` `w`: an int >= 1; `w > 1`: `w < r` and `r % w == 0`",
+        lambda: validate(C(4, RING, cp_window_size=3)),
+    ),
+    Rule(
+        "23",
+        "`--context-parallel-kv-cache-policy` is `full` or `half` (or unset)",
+        lambda: validate(C(4, RING, context_parallel_kv_cache_policy="all")),
+    ),
+    Rule(
+        "24",
+        "KV cache policy: `cp > 1`, and not with `kvallgather_cp_algo` (it keeps the gathered K/V)",
+        lambda: validate(C(1, RING, context_parallel_kv_cache_policy="full")),
+    ),
+    Rule(
+        "25",
+        "`--context-parallel-cache-interval` `n`: an int >= 0; `n > 0` needs a KV cache policy",
+        lambda: validate(C(4, RING, context_parallel_cache_interval=2)),
+    ),
+    Rule(
+        "25",
+        "`n < --num-layers` (when `validate` is given `num_layers`)",
+        lambda: validate(
+            C(4, RING, context_parallel_kv_cache_policy="full", context_parallel_cache_interval=4),
+            num_layers=4,
+        ),
+    ),
+    Rule(
+        "26",
+        "`--use-ulysses-allgather-kv`: `ulysses_cp_algo`, `cp > 1`",
+        lambda: validate(C(4, RING, use_ulysses_allgather_kv=True)),
+    ),
+    Rule(
+        "26",
+        "`--use-ulysses-allgather-kv`: grouped-query attention (`num_query_groups` below the "
+        "query heads; on the tensors: fewer K/V heads than query heads)",
+        lambda: validate(C(4, use_ulysses_allgather_kv=True), num_query_groups=8),
     ),
 ]
 

@@ -9,6 +9,13 @@ Backward (FlashAttention-2 decomposition): each block's gradient uses the FINAL 
 statistics, so the per-block pieces simply add up. K/V travel the same way as in the forward;
 the dK/dV accumulator of a block travels behind it, collecting every other rank's piece, and
 reaches the block's home rank after R - 1 hops, where the home rank adds its own piece.
+
+Which block arrives when, over which links, and how dK/dV get home is the plan's *route*
+(``routes.py``: the plain ring, the double ring, or kvallgather's all-gather); the loop is the
+same for all of them. KV cache (``plan.kv_cache``): ``full`` keeps every received block for the
+backward, which then receives nothing; ``half`` keeps K and receives only V again.
+``plan.restore`` (Ulysses KV cache) keeps what it chooses instead of ``k``/``v`` and rebuilds
+them at the start of the backward.
 """
 
 from __future__ import annotations
@@ -18,8 +25,9 @@ from dataclasses import dataclass
 
 import torch
 
+from usp_npu.algorithms.kv_cache import KVRestore
+from usp_npu.algorithms.routes import Route
 from usp_npu.algorithms.schedule import BlockStep
-from usp_npu.comm.ring import RingExchange
 from usp_npu.kernels.base import BlockKernel, stats_dtype
 
 MergeFn = Callable[..., object]
@@ -27,13 +35,15 @@ MergeFn = Callable[..., object]
 
 @dataclass
 class RingPlan:
-    """Everything but the tensors: the schedule, the kernel, the merge, the exchange."""
+    """Everything but the tensors: the schedule, the kernel, the merge, the route."""
 
     steps: list[BlockStep]
     kernel: BlockKernel
     scale: float
     merge: MergeFn
-    exchange: RingExchange | None  # None when the ring has one rank
+    route: Route | None  # None when the ring has one rank
+    kv_cache: str | None = None  # None | "full" | "half": received blocks kept for the backward
+    restore: KVRestore | None = None  # keep something else than k, v and rebuild them
 
 
 def _accumulators(out, smax, ssum, acc_dtype):
@@ -67,10 +77,13 @@ class _RingAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, plan: RingPlan):
         kernel, steps = plan.kernel, plan.steps
         acc_dtype = stats_dtype(q.dtype)
-        kv = torch.stack([k, v]) if plan.exchange is not None else (k, v)
-        rng_states = []
+        route = plan.route
+        kv = route.first(k, v) if route is not None else (k, v)
+        rng_states, cache = [], []
         for t, step in enumerate(steps):
-            pending = plan.exchange.start(kv, "ring_kv") if t + 1 < len(steps) else None
+            more = t + 1 < len(steps)
+            if more:
+                route.send(t, kv)
             rng = None
             if not step.empty:  # a packed general step may pair no document at all
                 o, m, s, rng = kernel.forward(
@@ -88,17 +101,25 @@ class _RingAttention(torch.autograd.Function):
                 out, smax, ssum = _accumulators(o, m, s, acc_dtype)
             elif not step.empty:
                 _merge(plan.merge, step, out, smax, ssum, o, m, s)
-            if pending is not None:
-                kv = pending.wait()
+            if more:
+                kv = route.receive(t)  # a fresh buffer per block: safe to keep
+                if plan.kv_cache == "full":
+                    cache.append(kv)
+                elif plan.kv_cache == "half":  # a copy: a view would keep V's memory alive
+                    cache.append(kv[0].clone())
         out = out.to(q.dtype)
         ctx.plan, ctx.rng_states = plan, rng_states
-        ctx.save_for_backward(q, k, v, out, smax, ssum)
+        kept = (k, v) if plan.restore is None else plan.restore.keep
+        ctx.n_kept = len(kept)
+        ctx.save_for_backward(q, out, smax, ssum, *kept, *cache)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, smax, ssum = ctx.saved_tensors
+        q, out, smax, ssum, *rest = ctx.saved_tensors
+        kept, cache = rest[: ctx.n_kept], rest[ctx.n_kept :]
         plan, steps = ctx.plan, ctx.plan.steps
+        k, v = kept if plan.restore is None else plan.restore.rebuild(*kept)
         acc_dtype = stats_dtype(q.dtype)
         dout = dout.contiguous()
         if len(steps) == 1:
@@ -119,17 +140,28 @@ class _RingAttention(torch.autograd.Function):
             return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
 
         dq = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
+        route, policy = plan.route, plan.kv_cache
         kv = torch.stack([k, v])
-        home = travelling = None  # dK/dV of the own block; the accumulator in flight
+        # what travels again in the backward: K and V, only V (half cache), or nothing (full)
+        moving = None if policy == "full" else (kv if policy is None else kv[1])
         for t, step in enumerate(steps):
-            pending_kv = plan.exchange.start(kv, "ring_kv") if t + 1 < len(steps) else None
+            more = t + 1 < len(steps)
+            if moving is not None and more:
+                route.send(t, moving)
+            if t == 0 or policy is None:
+                bk, bv = (kv[0], kv[1]) if t == 0 else (moving[0], moving[1])
+            elif policy == "full":
+                bk, bv = cache[t - 1][0], cache[t - 1][1]
+            else:
+                bk, bv = cache[t - 1], moving
             rows = step.q_rows
+            dkv = route.dkv_buffer(t, kv, acc_dtype)  # this block's accumulator
             if not step.empty:
                 dq_c, dk_c, dv_c = plan.kernel.backward(
                     dout[rows],
                     q[rows],
-                    kv[0][step.kv_rows],
-                    kv[1][step.kv_rows],
+                    bk[step.kv_rows],
+                    bv[step.kv_rows],
                     out[rows],
                     smax[:, :, rows],
                     ssum[:, :, rows],
@@ -139,20 +171,12 @@ class _RingAttention(torch.autograd.Function):
                     **step.varlen(),
                 )
                 dq[rows] += dq_c  # index tensors (packed rows) are unique: += is exact
-            if t == 0:
-                dkv = home = torch.zeros(kv.shape, dtype=acc_dtype, device=kv.device)
-            elif travelling is None:  # step 1 starts the accumulator of the block it holds
-                dkv = torch.zeros(kv.shape, dtype=acc_dtype, device=kv.device)
-            else:  # the accumulator of this block, from the rank that held it one step ago
-                dkv = travelling.wait()
-            if not step.empty:
                 dkv[0, step.kv_rows] += dk_c
                 dkv[1, step.kv_rows] += dv_c
-            if t > 0:
-                travelling = plan.exchange.start(dkv, "ring_dkv")
-            if pending_kv is not None:
-                kv = pending_kv.wait()
-        home += travelling.wait()  # every other rank's piece of the own block, back home
+            route.pass_dkv(t, dkv)
+            if moving is not None and more:
+                moving = route.receive(t)
+        home = route.finish_dkv()  # every rank's piece of the own block, back home
         return dq.to(q.dtype), home[0].to(k.dtype), home[1].to(v.dtype), None
 
 

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import torch
 
+from usp_npu.algorithms.kv_cache import ulysses_heads_to_sequence
 from usp_npu.algorithms.ring import MergeFn, RingPlan, ring_attention
+from usp_npu.algorithms.routes import build_route
 from usp_npu.algorithms.schedule import ring_schedule
-from usp_npu.comm.all_to_all import heads_to_sequence, replicate_kv_heads, sequence_to_heads
-from usp_npu.comm.ring import RingExchange
+from usp_npu.comm.all_to_all import sequence_to_heads
 from usp_npu.comm.stats import CommStats
+from usp_npu.config import KVALLGATHER
 from usp_npu.kernels.base import BlockKernel
 from usp_npu.parallel_state import ContextParallelMesh
 
@@ -28,6 +30,7 @@ def usp_attention(
     mask: torch.Tensor | None = None,
     stats: CommStats | None = None,
     blocking_comm: bool = False,
+    kv_cache: str | None = None,
     cu_seqlens: tuple[int, ...] | None = None,
 ) -> torch.Tensor:
     """Context-parallel attention of this rank's shards, canonical layout.
@@ -36,18 +39,23 @@ def usp_attention(
     ``mask``: full-sequence bool ``[S, S]`` (general mask type only). Returns ``[L, B, Nq, D]``.
     Shapes must have been validated (``attention.py``) before this runs any collective.
     ``blocking_comm`` waits for every ring exchange at once (no overlap; benchmarks use it to
-    measure how much communication the overlap hides).
+    measure how much communication the overlap hides). ``kv_cache``: this layer's KV cache
+    policy (``None`` | ``full`` | ``half``): the ring's when there is a ring, else Ulysses'.
     """
-    u = mesh.ulysses_size
-    if u > 1:
-        # scatter heads, gather the ring rank's sequence: one all-to-all for q, k and v
-        k, v = replicate_kv_heads(k, u), replicate_kv_heads(v, u)
-        q, k, v = heads_to_sequence([q, k, v], mesh.ulysses_group, stats)
+    u, r = mesh.ulysses_size, mesh.ring_size
+    restore = None
+    if u > 1:  # scatter heads, gather the ring rank's sequence
+        ulysses_policy = kv_cache if r == 1 else None
+        q, k, v, restore = ulysses_heads_to_sequence(q, k, v, mesh, stats, ulysses_policy)
     steps = ring_schedule(
-        mesh.ring_rank, mesh.ring_size, q.shape[0], mesh.config.causal, mask, cu_seqlens, q.device
+        mesh.ring_rank, r, q.shape[0], mesh.config.causal, mask, cu_seqlens, q.device
     )
-    exchange = RingExchange(mesh, stats, blocking_comm) if mesh.ring_size > 1 else None
-    out = ring_attention(q, k, v, RingPlan(steps, kernel, scale, merge, exchange))
+    steps, route = build_route(mesh, steps, stats, blocking_comm)
+    ring_cache = kv_cache if r > 1 else None
+    if mesh.config.context_parallel_algo == KVALLGATHER and r > 1:
+        ring_cache = "full"  # the gathered blocks are kept: the backward receives nothing
+    plan = RingPlan(steps, kernel, scale, merge, route, ring_cache, restore)
+    out = ring_attention(q, k, v, plan)
     if u > 1:
         (out,) = sequence_to_heads([out], mesh.ulysses_group, stats)
     return out

@@ -48,19 +48,39 @@ class PendingRecv:
         return self.buffer
 
 
+def _link(mesh: ContextParallelMesh, link: str):
+    """(ranks, group, overlap group) of one of this rank's rings: ``ring`` (the whole ring) or,
+    with a double ring, ``inner`` (its window) / ``outer`` (its position across windows)."""
+    if link == "ring":
+        return mesh.ring_ranks, mesh.ring_group, mesh.ring_overlap_group
+    if link == "inner":
+        return mesh.ring_inner_ranks, mesh.ring_inner_group, mesh.ring_inner_overlap_group
+    if link == "outer":
+        return mesh.ring_outer_ranks, mesh.ring_outer_group, mesh.ring_outer_overlap_group
+    raise ValueError(f"unknown ring link {link!r}")
+
+
 class RingExchange:
-    """Next/previous peers of this rank on its ring group, and the send/recv they use."""
+    """Next/previous peers of this rank on one of its rings, and the send/recv they use.
+
+    ``link``: ``ring`` (the ring group), ``inner`` or ``outer`` (double ring, see
+    ``parallel_state.double_ring_rank_lists``).
+    """
 
     def __init__(
-        self, mesh: ContextParallelMesh, stats: CommStats | None = None, blocking: bool = False
+        self,
+        mesh: ContextParallelMesh,
+        stats: CommStats | None = None,
+        blocking: bool = False,
+        link: str = "ring",
     ):
-        ranks, i = mesh.ring_ranks, mesh.ring_rank
+        ranks, first, second = _link(mesh, link)
+        i = ranks.index(mesh.rank)
         size = len(ranks)
         self.size = size
         self.next_rank = ranks[(i + 1) % size]
         self.prev_rank = ranks[(i - 1) % size]
         self.stats = stats
-        first, second = mesh.ring_group, mesh.ring_overlap_group
         self.split_groups = second is not None
         self.send_group = first if (second is None or i % 2 == 0) else second
         self.recv_group = first if (second is None or ((i - 1) % size) % 2 == 0) else second

@@ -55,6 +55,11 @@ class AttentionCase:
     fused_update: bool | None = None  # --use-fused-ring-attention-update (None = auto)
     seed: int = 0
     cu_seqlens: tuple[int, ...] | None = None  # packed documents (batch 1), full sequence
+    window: int = 1  # --cp-window-size (double ring)
+    kv_cache: str | None = None  # --context-parallel-kv-cache-policy
+    cache_interval: int = 0  # --context-parallel-cache-interval
+    allgather_kv: bool = False  # --use-ulysses-allgather-kv
+    layer_number: int | None = None  # the attention call's layer_number
 
     def config(self) -> ContextParallelConfig:
         return ContextParallelConfig(
@@ -66,6 +71,10 @@ class AttentionCase:
             use_cp_send_recv_overlap=self.overlap,
             megatron_cp_in_bnsd=self.bnsd,
             use_fused_ring_attention_update=self.fused_update,
+            cp_window_size=self.window,
+            context_parallel_kv_cache_policy=self.kv_cache,
+            context_parallel_cache_interval=self.cache_interval,
+            use_ulysses_allgather_kv=self.allgather_kv,
         )
 
 
@@ -121,8 +130,10 @@ def _run_cp(case: AttentionCase, mesh, inputs, repeats: int) -> dict:
             cu_seqlens=cu,
             mesh=mesh,
             comm_stats=stats,
+            layer_number=case.layer_number,
         )
         t1 = time.perf_counter()
+        sent_forward = dict(stats.sent)
         out.backward(local(dout))
         t2 = time.perf_counter()
     got = [
@@ -135,6 +146,8 @@ def _run_cp(case: AttentionCase, mesh, inputs, repeats: int) -> dict:
         "forward_s": t1 - t0,
         "backward_s": t2 - t1,
         "bytes_sent": stats.total,
+        "sent_forward": sent_forward,
+        "sent_backward": {k: n - sent_forward.get(k, 0) for k, n in stats.sent.items()},
     }
 
 
@@ -212,3 +225,31 @@ def assert_matches_reference(results: list[dict], case: AttentionCase) -> None:
         assert res["finite"], f"rank {rank}: non-finite output or gradient for {case}"
         bad = {k: v for k, v in res["errors"].items() if not v <= tol}
         assert not bad, f"rank {rank}: errors {bad} above {tol} for {case}"
+
+
+def expected_case_bytes(case: AttentionCase) -> tuple[dict[str, int], dict[str, int]]:
+    """The communication model's ``(forward, backward)`` bytes per rank for ``case``."""
+    from usp_npu.comm.volume import expected_bytes
+
+    size = DTYPES[case.dtype].itemsize
+    return expected_bytes(
+        case.config(),
+        case.seq,
+        case.batch,
+        case.heads // case.tp,
+        (case.kv_heads or case.heads) // case.tp,
+        case.head_dim,
+        size,
+        8 if size == 8 else 4,
+        case.layer_number,
+    )
+
+
+def assert_bytes_match_model(results: list[dict], case: AttentionCase) -> None:
+    """Raise AssertionError unless every rank sent, per kind and direction, what the model says."""
+    want_forward, want_backward = expected_case_bytes(case)
+    for rank, res in enumerate(results):
+        forward = {k: n for k, n in res["sent_forward"].items() if n}
+        backward = {k: n for k, n in res["sent_backward"].items() if n}
+        assert forward == want_forward, (rank, "forward", forward, want_forward, case)
+        assert backward == want_backward, (rank, "backward", backward, want_backward, case)
