@@ -167,13 +167,13 @@ def test_split_sequence_gives_kvallgather_the_ring_split(mask):
     for rank in range(4):
         got, want = (
             split_sequence(
-                x, 0, SimpleNamespace(config=cfg(4, a, attention_mask_type=mask), cp_rank=rank)
+                x, 0, mesh=SimpleNamespace(config=cfg(4, a, attention_mask_type=mask), cp_rank=rank)
             )
             for a in (KVALLGATHER, RING)
         )
         assert torch.equal(got, want)
     causal = SimpleNamespace(config=cfg(4, KVALLGATHER), cp_rank=1)
-    assert split_sequence(x, 0, causal).tolist() == [4, 5, 6, 7, 24, 25, 26, 27]  # chunks 1, 6
+    assert split_sequence(x, 0, mesh=causal).tolist() == [4, 5, 6, 7, 24, 25, 26, 27]  # chunks 1, 6
 
 
 # -- double ring: groups and visit order ---------------------------------------------------------
