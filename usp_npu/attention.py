@@ -93,6 +93,31 @@ def _check_packed(
     return cu
 
 
+def _check_token_order(token_order, qc, mesh: ContextParallelMesh, cu) -> None:
+    if token_order is None:
+        return
+    if cu is not None:
+        raise ValueError(
+            "token_order and cu_seqlens were both given: packed sequences take split_sequence's "
+            "packed split, without token_order"
+        )
+    n = qc.shape[0] * mesh.ulysses_size
+    if (
+        not isinstance(token_order, torch.Tensor)
+        or token_order.dtype != torch.int64
+        or tuple(token_order.shape) != (n,)
+    ):
+        raise ValueError(
+            f"token_order must be an int64 tensor of shape [{n}] (local length x Ulysses degree "
+            f"{mesh.ulysses_size}); got {getattr(token_order, 'dtype', type(token_order))} "
+            f"{tuple(getattr(token_order, 'shape', ()))}"
+        )
+    if token_order.device != qc.device:
+        raise ValueError(f"token_order is on {token_order.device}, q on {qc.device}")
+    if not torch.equal(token_order.sort().values, torch.arange(n, device=qc.device)):
+        raise ValueError(f"token_order must be a permutation of 0..{n - 1}")
+
+
 def context_parallel_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -107,6 +132,7 @@ def context_parallel_attention(
     mesh: ContextParallelMesh | None = None,
     comm_stats: CommStats | None = None,
     layer_number: int | None = None,
+    token_order: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention over the whole CP group's sequence, from and to this rank's shards.
 
@@ -131,6 +157,11 @@ def context_parallel_attention(
         layer_number: this layer's number (1-based, as Megatron counts) for
             ``--context-parallel-cache-interval`` n: the KV cache policy applies when n is 0 or
             ``layer_number % (n + 1) == 1``; ``None`` = as if the layer qualifies.
+        token_order: for inputs split another way than :func:`usp_npu.split_sequence` that
+            still gives every Ulysses group the same tokens (Megatron's own zigzag split, see
+            :mod:`usp_npu.integrations.megatron`): int64 ``[L * u]``, the permutation that puts
+            the tokens gathered by the Ulysses all-to-all (group order) into ``split_sequence``'s
+            order. The output comes back in the caller's order.
 
     Returns:
         The local output, same layout and shape as ``q``. Differentiable w.r.t. q, k, v.
@@ -139,6 +170,7 @@ def context_parallel_attention(
     mesh = mesh or get_mesh()
     cu = _check_packed(qc, mesh, cu_seqlens, attention_mask, layout)
     _check_against_mesh(qc, kc, mesh, attention_mask)
+    _check_token_order(token_order, qc, mesh, cu)
     cfg = mesh.config
     scale = qc.shape[3] ** -0.5 if softmax_scale is None else float(softmax_scale)
     if not 0.0 <= dropout_p < 1.0:
@@ -164,6 +196,7 @@ def context_parallel_attention(
         stats=comm_stats,
         kv_cache=cfg.kv_cache_policy(layer_number),
         cu_seqlens=cu,
+        token_order=token_order,
     )
     return from_canonical(out, layout)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from usp_npu.algorithms.kv_cache import ulysses_heads_to_sequence
+from usp_npu.algorithms.kv_cache import KVRestore, ulysses_heads_to_sequence
 from usp_npu.algorithms.ring import MergeFn, RingPlan, ring_attention
 from usp_npu.algorithms.routes import build_route
 from usp_npu.algorithms.schedule import ring_schedule
@@ -32,6 +32,7 @@ def usp_attention(
     blocking_comm: bool = False,
     kv_cache: str | None = None,
     cu_seqlens: tuple[int, ...] | None = None,
+    token_order: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Context-parallel attention of this rank's shards, canonical layout.
 
@@ -41,12 +42,24 @@ def usp_attention(
     ``blocking_comm`` waits for every ring exchange at once (no overlap; benchmarks use it to
     measure how much communication the overlap hides). ``kv_cache``: this layer's KV cache
     policy (``None`` | ``full`` | ``half``): the ring's when there is a ring, else Ulysses'.
+    ``token_order`` (int64 ``[L * u]``, a permutation) lets the caller split the sequence its own
+    way (Megatron's zigzag), provided each Ulysses group ends up with the tokens ``split_sequence``
+    gives it: right after the all-to-all the ring rank's tokens are taken in this order, which
+    must be ``split_sequence``'s, and the output is put back before the all-to-all back.
     """
     u, r = mesh.ulysses_size, mesh.ring_size
     restore = None
     if u > 1:  # scatter heads, gather the ring rank's sequence
         ulysses_policy = kv_cache if r == 1 else None
         q, k, v, restore = ulysses_heads_to_sequence(q, k, v, mesh, stats, ulysses_policy)
+    if token_order is not None:  # index_select's backward scatters the gradients back
+        q, k, v = (t.index_select(0, token_order) for t in (q, k, v))
+        if restore is not None:  # the K/V the backward rebuilds must be permuted the same way
+            rebuild = restore.rebuild
+            restore = KVRestore(
+                restore.keep,
+                lambda *kept: tuple(t.index_select(0, token_order) for t in rebuild(*kept)),
+            )
     steps = ring_schedule(
         mesh.ring_rank, r, q.shape[0], mesh.config.causal, mask, cu_seqlens, q.device
     )
@@ -56,6 +69,8 @@ def usp_attention(
         ring_cache = "full"  # the gathered blocks are kept: the backward receives nothing
     plan = RingPlan(steps, kernel, scale, merge, route, ring_cache, restore)
     out = ring_attention(q, k, v, plan)
+    if token_order is not None:
+        out = out.index_select(0, torch.argsort(token_order))
     if u > 1:
         (out,) = sequence_to_heads([out], mesh.ulysses_group, stats)
     return out
