@@ -1,0 +1,190 @@
+"""Megatron-core integration: a tiny GPTModel (2 layers, hidden 64, 4 heads, 2 query groups) with
+USPCoreAttention, batches split by Megatron's own get_batch_on_this_cp_rank and RoPE sliced by
+Megatron, trained three SGD steps: loss and every gradient equal to the same model with cp = 1
+and tp = 1 (Megatron's own DotProductAttention), float64. World 4: cp 4 with each algorithm; world 8: tp 2, cp 4
+hybrid u2. Plus: usp_npu's CP groups equal megatron's, and a mismatch is refused."""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+pytest.importorskip("megatron.core")
+pytest.importorskip("einops")
+
+import usp_npu
+from usp_npu.parallel_state import mesh_rank_lists
+
+VOCAB, SEQ, BATCH, STEPS, LR, SEED = 64, 64, 2, 3, 0.05, 1234
+
+
+def _gpt(usp: bool, tp: int, cp: int):
+    from megatron.core import tensor_parallel
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer import TransformerConfig
+
+    from usp_npu.integrations.megatron import patch_spec
+
+    config = TransformerConfig(
+        num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
+        tensor_model_parallel_size=tp, context_parallel_size=cp, use_cpu_initialization=True,
+        params_dtype=torch.float64, attention_dropout=0.0, hidden_dropout=0.0,
+    )  # fmt: skip
+    spec = get_gpt_layer_local_spec()  # cp = 1: Megatron's own DotProductAttention
+    if usp:
+        patch_spec(spec)  # the one line a user adds
+    torch.manual_seed(SEED)  # CPU initialisation draws every full weight, then keeps its TP slice
+    tensor_parallel.model_parallel_cuda_manual_seed(SEED, inference_rng_tracker=True)
+    model = GPTModel(
+        config=config, transformer_layer_spec=spec, vocab_size=VOCAB,
+        max_sequence_length=SEQ, position_embedding_type="rope",
+    )  # fmt: skip
+    return model.double()  # a few norms are created in float32 whatever params_dtype says
+
+
+def _batch(step: int) -> dict:
+    g = torch.Generator().manual_seed(step)
+    data = torch.randint(VOCAB, (BATCH, SEQ + 1), generator=g)
+    return {
+        "tokens": data[:, :-1],
+        "labels": data[:, 1:],  # Megatron's labels are shifted by the data pipeline
+        "attention_mask": torch.ones(1, 1, SEQ, SEQ, dtype=torch.bool).triu(1),  # True = masked
+    }
+
+
+def _train(model, cp_group) -> tuple[list[float], list[list[torch.Tensor]]]:
+    """Three SGD steps; per step the group's loss and the (CP-summed) gradients."""
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    losses, grads = [], []
+    for step in range(STEPS):
+        batch = get_batch_on_this_cp_rank(_batch(step))  # Megatron's own zigzag split
+        logits = model(  # under CP the causal mask arrives split too; USPCoreAttention ignores it
+            batch["tokens"], None, batch["attention_mask"], runtime_gather_output=True
+        )
+        loss = F.cross_entropy(logits.reshape(-1, VOCAB), batch["labels"].reshape(-1),
+                               reduction="sum") / (BATCH * SEQ)  # fmt: skip
+        loss.backward()
+        total = loss.detach().clone()
+        if cp_group is not None:
+            dist.all_reduce(total, group=cp_group)
+            for p in model.parameters():  # each CP rank holds its tokens' share
+                dist.all_reduce(p.grad, group=cp_group)
+        losses.append(total.item())
+        grads.append([p.grad.clone() for p in model.parameters()])
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= LR * p.grad
+                p.grad = None
+    return losses, grads
+
+
+def _tp_slice(full: torch.Tensor, param, tp: int, tp_rank: int) -> torch.Tensor:
+    if getattr(param, "tensor_model_parallel", False):
+        return full.chunk(tp, dim=param.partition_dim)[tp_rank]
+    return full
+
+
+def _megatron_parity(tp: int, cp: int, algo: str, u: int | None) -> dict:
+    from megatron.core import parallel_state as ps
+
+    from usp_npu.integrations.megatron import megatron_on_cpu
+
+    warnings.filterwarnings("ignore", module="megatron")
+    rank = dist.get_rank()
+    with megatron_on_cpu():
+        try:
+            ps.initialize_model_parallel(1, 1, context_parallel_size=1)  # the reference, rank 0
+            reference = _train(_gpt(False, 1, 1), None) if rank == 0 else None
+            ps.destroy_model_parallel()
+            shared = [reference]
+            dist.broadcast_object_list(shared, src=0)
+            ref_losses, ref_grads = shared[0]
+
+            ps.initialize_model_parallel(tp, 1, context_parallel_size=cp)
+            cfg = usp_npu.ContextParallelConfig(cp, algo, ulysses_degree_in_cp=u)
+            mesh = usp_npu.initialize_context_parallel(cfg, tensor_model_parallel_size=tp)
+            model = _gpt(True, tp, cp)
+            losses, grads = _train(model, mesh.cp_group)
+        finally:
+            ps.destroy_model_parallel()
+    tp_rank, params = rank % tp, list(model.parameters())
+    grad_err = 0.0
+    for got, full in zip(grads, ref_grads, strict=True):
+        for g, f, p in zip(got, full, params, strict=True):
+            r = _tp_slice(f, p, tp, tp_rank)
+            grad_err = max(grad_err, ((g - r).abs().max() / r.abs().max().clamp_min(1e-30)).item())
+    loss_err = max(abs(a - b) / b for a, b in zip(losses, ref_losses, strict=True))
+    return {"loss_err": loss_err, "grad_err": grad_err, "losses": losses}
+
+
+CASES = {
+    "w4-ulysses-cp4": (4, 1, 4, "ulysses_cp_algo", None),
+    "w4-ring-cp4": (4, 1, 4, "megatron_cp_algo", None),
+    "w4-hybrid-cp4-u2": (4, 1, 4, "hybrid_cp_algo", 2),
+    "w8-tp2-hybrid-cp4-u2": (8, 2, 4, "hybrid_cp_algo", 2),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_tiny_gpt_training_matches_cp1(pools, name):
+    world, *case = CASES[name]
+    for rank, res in enumerate(pools(world).run(_megatron_parity, *case)):
+        assert all(loss > 3.0 for loss in res["losses"]), res  # ~ln(64): a real cross-entropy
+        assert res["loss_err"] <= 1e-10 and res["grad_err"] <= 1e-10, (rank, res)
+
+
+@pytest.mark.parametrize("world", [4, 8, 16])
+def test_cp_groups_equal_megatron_rank_generator(world):
+    from usp_npu.integrations.megatron import megatron_cp_groups
+
+    for tp, cp, pp in itertools.product((1, 2, 4), (1, 2, 4, 8), (1, 2)):
+        if world % (tp * cp * pp) == 0:
+            ours = mesh_rank_lists(world, tp, cp, 1, pp)[0]
+            assert sorted(ours) == sorted(megatron_cp_groups(world, tp, cp, pp)), (tp, cp, pp)
+    assert megatron_cp_groups(8, 2, 2) == [[0, 2], [1, 3], [4, 6], [5, 7]]
+
+
+def _groups_against_parallel_state() -> list[str]:
+    from megatron.core import parallel_state as ps
+
+    from usp_npu.integrations.megatron import check_megatron_mesh
+
+    report = []
+    for tp, cp, pp in [(2, 2, 1), (1, 8, 1), (2, 4, 1), (2, 2, 2)]:
+        ps.initialize_model_parallel(tp, pp, context_parallel_size=cp)
+        theirs = [None] * dist.get_world_size()
+        dist.all_gather_object(theirs, list(ps.get_context_parallel_global_ranks()))
+        ours = mesh_rank_lists(dist.get_world_size(), tp, cp, 1, pp)[0]
+        mesh = usp_npu.initialize_context_parallel(
+            usp_npu.ContextParallelConfig(cp, "megatron_cp_algo"),
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp,
+        )
+        check_megatron_mesh(mesh)
+        same = sorted(set(map(tuple, theirs))) == sorted(map(tuple, ours))  # one entry per rank
+        report.append(f"{tp},{cp},{pp}: {same}")
+        ps.destroy_model_parallel()
+    # cp outside dp in megatron's order: the groups differ, and every rank says so
+    ps.initialize_model_parallel(1, 1, context_parallel_size=2, order="tp-dp-cp-pp")
+    mesh = usp_npu.initialize_context_parallel(usp_npu.ContextParallelConfig(2, "megatron_cp_algo"))
+    try:
+        check_megatron_mesh(mesh)
+        report.append("mismatch accepted")
+    except ValueError as e:
+        report.append(str(e))
+    finally:
+        ps.destroy_model_parallel()
+    return report
+
+
+def test_cp_groups_equal_megatron_parallel_state(pools):
+    for rank, report in enumerate(pools(8).run(_groups_against_parallel_state)):
+        assert report[:4] == ["2,2,1: True", "1,8,1: True", "2,4,1: True", "2,2,2: True"], report
+        assert report[4].startswith(f"rank {rank}: Megatron's context-parallel group is"), report
