@@ -1,0 +1,82 @@
+"""A tiny Megatron-core GPTModel trained with USP; prints the CP loss beside one process's.
+
+    torchrun --nproc-per-node 4 examples/megatron_train.py --context-parallel-algo hybrid_cp_algo \
+        --ulysses-degree-in-cp 2
+    torchrun --nproc-per-node 8 examples/megatron_train.py --tensor-model-parallel-size 2 \
+        --context-parallel-algo hybrid_cp_algo --ulysses-degree-in-cp 2
+
+--context-parallel-size defaults to world size / tp. CPU only: megatron_on_cpu() patches the two
+CUDA calls megatron-core 0.16 makes on this path (see docs/integration_megatron.md).
+"""
+
+import argparse
+import os
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer import TransformerConfig
+from megatron.core.utils import get_batch_on_this_cp_rank
+
+import usp_npu
+from usp_npu.integrations.megatron import megatron_on_cpu, patch_spec
+
+parser = usp_npu.add_context_parallel_args(argparse.ArgumentParser())  # extra_args_provider
+parser.add_argument("--tensor-model-parallel-size", type=int, default=1)
+parser.add_argument("--steps", type=int, default=5)
+parser.add_argument("--seq-length", type=int, default=256)
+args = parser.parse_args()
+tp, vocab = args.tensor_model_parallel_size, 128
+parser.set_defaults(context_parallel_size=int(os.environ.get("WORLD_SIZE", "1")) // tp)
+args = parser.parse_args()
+cp = args.context_parallel_size
+
+
+def train(use_usp: bool, tp: int, cp: int) -> list[float]:
+    spec = get_gpt_layer_local_spec()
+    if use_usp:
+        usp_npu.initialize_context_parallel(usp_npu.ContextParallelConfig.from_args(args), tp)
+        patch_spec(spec)  # the one line that switches core attention to USP
+    config = TransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=4,
+                               num_query_groups=2, tensor_model_parallel_size=tp,
+                               context_parallel_size=cp, use_cpu_initialization=True,
+                               attention_dropout=0.0, hidden_dropout=0.0)  # fmt: skip
+    torch.manual_seed(0)
+    tensor_parallel.model_parallel_cuda_manual_seed(0, inference_rng_tracker=True)
+    model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=vocab,
+                     max_sequence_length=args.seq_length, position_embedding_type="rope")  # fmt: skip
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    cp_group, losses = parallel_state.get_context_parallel_group(), []
+    for step in range(args.steps):
+        g = torch.Generator().manual_seed(step)
+        data = torch.randint(vocab, (2, args.seq_length + 1), generator=g)
+        mask = torch.ones(1, 1, args.seq_length, args.seq_length, dtype=torch.bool).triu(1)
+        batch = {"tokens": data[:, :-1], "labels": data[:, 1:], "attention_mask": mask}
+        batch = get_batch_on_this_cp_rank(batch)  # Megatron's own split, for every algorithm
+        per_token = model(batch["tokens"], None, batch["attention_mask"], labels=batch["labels"])
+        loss = per_token.sum() / data[:, 1:].numel()  # this rank's share of the mean
+        loss.backward()
+        for p in model.parameters():  # what Megatron's DDP does over the dp x cp group
+            dist.all_reduce(p.grad, group=cp_group)
+        opt.step()
+        opt.zero_grad()
+        total = loss.detach().clone()
+        dist.all_reduce(total, group=cp_group)
+        losses.append(total.item())
+    return losses
+
+
+dist.init_process_group("gloo")
+with megatron_on_cpu():
+    parallel_state.initialize_model_parallel(1, 1)  # every rank builds the groups,
+    single = [train(False, 1, 1) if dist.get_rank() == 0 else None]  # rank 0 alone trains
+    dist.broadcast_object_list(single, src=0)
+    parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(tp, 1, context_parallel_size=cp)
+    usp = train(True, tp, cp)
+if dist.get_rank() == 0:
+    for step, (a, b) in enumerate(zip(usp, single[0], strict=True)):
+        print(f"step {step}  cp loss {a:.6f}  one-process loss {b:.6f}")
+dist.destroy_process_group()
