@@ -313,6 +313,7 @@ def reduce_loss(
     """The CP group's token-weighted loss from this rank's loss, differentiable.
 
     ``loss`` is what the model returned for this rank's shard with labels ``shift_labels``:
+
     - ``num_items_in_batch=None``: the mean over this rank's valid labels (NaN on a rank whose
       labels are all ``ignore_index``). Returns the mean over every valid label of the CP group,
       exact for ranks holding different numbers of them; a rank with none contributes 0.
