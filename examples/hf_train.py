@@ -27,8 +27,14 @@ dist.init_process_group("gloo")
 mesh = usp_npu.initialize_context_parallel(usp_npu.ContextParallelConfig.from_args(args))
 register()  # attn_implementation="usp_npu"
 
-config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+config = LlamaConfig(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
 torch.manual_seed(0)
 single = LlamaForCausalLM(config)  # the one-process run, same weights
 model = copy.deepcopy(single)  # deep copy: the config (and its attention choice) too

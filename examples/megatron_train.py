@@ -39,14 +39,26 @@ def train(use_usp: bool, tp: int, cp: int) -> list[float]:
     if use_usp:
         usp_npu.initialize_context_parallel(usp_npu.ContextParallelConfig.from_args(args), tp)
         patch_spec(spec)  # the one line that switches core attention to USP
-    config = TransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=4,
-                               num_query_groups=2, tensor_model_parallel_size=tp,
-                               context_parallel_size=cp, use_cpu_initialization=True,
-                               attention_dropout=0.0, hidden_dropout=0.0)  # fmt: skip
+    config = TransformerConfig(
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_query_groups=2,
+        tensor_model_parallel_size=tp,
+        context_parallel_size=cp,
+        use_cpu_initialization=True,
+        attention_dropout=0.0,
+        hidden_dropout=0.0,
+    )
     torch.manual_seed(0)
     tensor_parallel.model_parallel_cuda_manual_seed(0, inference_rng_tracker=True)
-    model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=vocab,
-                     max_sequence_length=args.seq_length, position_embedding_type="rope")  # fmt: skip
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=spec,
+        vocab_size=vocab,
+        max_sequence_length=args.seq_length,
+        position_embedding_type="rope",
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     cp_group, losses = parallel_state.get_context_parallel_group(), []
     for step in range(args.steps):

@@ -14,8 +14,9 @@ HYBRID = ("--context-parallel-algo", "hybrid_cp_algo", "--ulysses-degree-in-cp",
 
 
 def _losses(script: str, *flags: str) -> list[tuple[float, float]]:
-    done = run_torchrun(4, script, *HYBRID, "--steps", "3", "--seq-length", "64", *flags,
-                        timeout_s=600)  # fmt: skip
+    done = run_torchrun(
+        4, script, *HYBRID, "--steps", "3", "--seq-length", "64", *flags, timeout_s=600
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     steps = [(int(s), float(a), float(b)) for s, a, b in LINE.findall(done.stdout)]
     assert [s for s, _, _ in steps] == [0, 1, 2], done.stdout

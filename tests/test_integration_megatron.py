@@ -32,19 +32,29 @@ def _gpt(usp: bool, tp: int, cp: int):
     from usp_npu.integrations.megatron import patch_spec
 
     config = TransformerConfig(
-        num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
-        tensor_model_parallel_size=tp, context_parallel_size=cp, use_cpu_initialization=True,
-        params_dtype=torch.float64, attention_dropout=0.0, hidden_dropout=0.0,
-    )  # fmt: skip
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_query_groups=2,
+        tensor_model_parallel_size=tp,
+        context_parallel_size=cp,
+        use_cpu_initialization=True,
+        params_dtype=torch.float64,
+        attention_dropout=0.0,
+        hidden_dropout=0.0,
+    )
     spec = get_gpt_layer_local_spec()  # cp = 1: Megatron's own DotProductAttention
     if usp:
         patch_spec(spec)  # the one line a user adds
     torch.manual_seed(SEED)  # CPU initialisation draws every full weight, then keeps its TP slice
     tensor_parallel.model_parallel_cuda_manual_seed(SEED, inference_rng_tracker=True)
     model = GPTModel(
-        config=config, transformer_layer_spec=spec, vocab_size=VOCAB,
-        max_sequence_length=SEQ, position_embedding_type="rope",
-    )  # fmt: skip
+        config=config,
+        transformer_layer_spec=spec,
+        vocab_size=VOCAB,
+        max_sequence_length=SEQ,
+        position_embedding_type="rope",
+    )
     return model.double()  # a few norms are created in float32 whatever params_dtype says
 
 
@@ -68,8 +78,9 @@ def _train(model, cp_group) -> tuple[list[float], list[list[torch.Tensor]]]:
         logits = model(  # under CP the causal mask arrives split too; USPCoreAttention ignores it
             batch["tokens"], None, batch["attention_mask"], runtime_gather_output=True
         )
-        loss = F.cross_entropy(logits.reshape(-1, VOCAB), batch["labels"].reshape(-1),
-                               reduction="sum") / (BATCH * SEQ)  # fmt: skip
+        loss = F.cross_entropy(
+            logits.reshape(-1, VOCAB), batch["labels"].reshape(-1), reduction="sum"
+        ) / (BATCH * SEQ)
         loss.backward()
         total = loss.detach().clone()
         if cp_group is not None:
@@ -188,3 +199,69 @@ def test_cp_groups_equal_megatron_parallel_state(pools):
     for rank, report in enumerate(pools(8).run(_groups_against_parallel_state)):
         assert report[:4] == ["2,2,1: True", "1,8,1: True", "2,4,1: True", "2,2,2: True"], report
         assert report[4].startswith(f"rank {rank}: Megatron's context-parallel group is"), report
+
+
+def _construction_variants() -> list[str]:
+    """USPCoreAttention built with the keywords of 0.16 (pg_collection), 0.14 (model_comm_pgs)
+    and none (parallel_state), and what it refuses."""
+    from types import SimpleNamespace
+
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from usp_npu.integrations.megatron import USPCoreAttention
+
+    ps.initialize_model_parallel(1, 1, context_parallel_size=4)
+    usp_npu.initialize_context_parallel(usp_npu.ContextParallelConfig(4, "ulysses_cp_algo"))
+    groups = SimpleNamespace(
+        cp=ps.get_context_parallel_group(), tp=ps.get_tensor_model_parallel_group()
+    )
+
+    def config(cp=4, **kw):
+        return TransformerConfig(
+            num_layers=1, hidden_size=64, num_attention_heads=4, context_parallel_size=cp, **kw
+        )
+
+    causal = {"layer_number": 1, "attn_mask_type": AttnMaskType.causal, "attention_type": "self"}
+    out = []
+    try:
+        USPCoreAttention(
+            config=config(), **causal, cp_comm_type="p2p", softmax_scale=0.3, pg_collection=groups
+        )
+        USPCoreAttention(
+            config=config(), **causal, cp_comm_type=None, softmax_scale=None, model_comm_pgs=groups
+        )
+        module = USPCoreAttention(config=config(), **causal, attention_dropout=0.0)
+        out.append("built")
+        attempts = {
+            "padding mask type": lambda: USPCoreAttention(
+                config=config(), **{**causal, "attn_mask_type": AttnMaskType.padding}
+            ),
+            "cp size": lambda: USPCoreAttention(config=config(cp=2), **causal),
+            "window": lambda: USPCoreAttention(config=config(window_size=(8, 0)), **causal),
+            "packed": lambda: module(
+                *(torch.zeros(4, 1, 4, 16),) * 3, None, packed_seq_params=object()
+            ),
+            "bias": lambda: module(
+                *(torch.zeros(4, 1, 4, 16),) * 3, None, attention_bias=torch.zeros(1)
+            ),
+        }
+        for name, attempt in attempts.items():
+            try:
+                attempt()
+                out.append(f"{name}: accepted")
+            except ValueError as e:
+                out.append(f"{name}: {e}")
+    finally:
+        ps.destroy_model_parallel()
+    return out
+
+
+def test_core_attention_keyword_variants_and_refusals(pools):
+    for out in pools(4).run(_construction_variants):
+        text = "\n".join(out)
+        assert out[0] == "built" and "accepted" not in text, text
+        assert "causal self-attention" in text and "--context-parallel-size 2 differs" in text
+        assert "window_size=(8, 0)" in text and "packed_seq_params" in text, text
+        assert "attention_bias" in text, text
