@@ -27,11 +27,10 @@ parser = usp_npu.add_context_parallel_args(argparse.ArgumentParser())  # extra_a
 parser.add_argument("--tensor-model-parallel-size", type=int, default=1)
 parser.add_argument("--steps", type=int, default=5)
 parser.add_argument("--seq-length", type=int, default=256)
+parser.set_defaults(context_parallel_size=None)
 args = parser.parse_args()
 tp, vocab = args.tensor_model_parallel_size, 128
-parser.set_defaults(context_parallel_size=int(os.environ.get("WORLD_SIZE", "1")) // tp)
-args = parser.parse_args()
-cp = args.context_parallel_size
+cp = args.context_parallel_size = args.context_parallel_size or int(os.environ["WORLD_SIZE"]) // tp
 
 
 def train(use_usp: bool, tp: int, cp: int) -> list[float]:

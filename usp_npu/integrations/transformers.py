@@ -277,9 +277,9 @@ def shard_batch(
     if problems:
         raise ValueError(f"{problems[0]}; or call shard_batch(..., pad=True)")
     local = {
-        "input_ids": split_sequence(ids, 1, mesh),
-        "position_ids": split_sequence(position_ids, 1, mesh),
-        "shift_labels": split_sequence(shift_labels, 1, mesh),
+        "input_ids": split_sequence(ids, 1, mesh=mesh),
+        "position_ids": split_sequence(position_ids, 1, mesh=mesh),
+        "shift_labels": split_sequence(shift_labels, 1, mesh=mesh),
     }
     local["labels"] = local["shift_labels"]
     return {**batch, **local}
