@@ -21,7 +21,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.utils import get_batch_on_this_cp_rank
 
 import usp_npu
-from usp_npu.integrations.megatron import megatron_on_cpu, patch_spec
+from usp_npu.integrations.megatron import config_from_args, megatron_on_cpu, patch_spec
 
 parser = usp_npu.add_context_parallel_args(argparse.ArgumentParser())  # extra_args_provider
 parser.add_argument("--tensor-model-parallel-size", type=int, default=1)
@@ -36,7 +36,7 @@ cp = args.context_parallel_size = args.context_parallel_size or int(os.environ["
 def train(use_usp: bool, tp: int, cp: int) -> list[float]:
     spec = get_gpt_layer_local_spec()
     if use_usp:
-        usp_npu.initialize_context_parallel(usp_npu.ContextParallelConfig.from_args(args), tp)
+        usp_npu.initialize_context_parallel(config_from_args(args), tp)
         patch_spec(spec)  # the one line that switches core attention to USP
     config = TransformerConfig(
         num_layers=2,

@@ -265,3 +265,35 @@ def test_core_attention_keyword_variants_and_refusals(pools):
         assert "causal self-attention" in text and "--context-parallel-size 2 differs" in text
         assert "window_size=(8, 0)" in text and "packed_seq_params" in text, text
         assert "attention_bias" in text, text
+
+
+def test_config_from_megatron_lm_args():
+    """Megatron-LM parses --attention-backend to its AttnBackend enum; ours stays auto."""
+    import argparse
+
+    from megatron.core.transformer.enums import AttnBackend
+
+    from usp_npu.integrations.megatron import config_from_args
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--context-parallel-size", type=int, default=1)  # Megatron-LM's own two
+    parser.add_argument(
+        "--attention-backend", type=lambda b: AttnBackend[b], default=AttnBackend.auto
+    )
+    usp_npu.add_context_parallel_args(parser)  # as extra_args_provider, after Megatron's groups
+    args = parser.parse_args(
+        [
+            "--context-parallel-size",
+            "4",
+            "--context-parallel-algo",
+            "hybrid_cp_algo",
+            "--ulysses-degree-in-cp",
+            "2",
+            "--attention-backend",
+            "flash",
+        ]
+    )
+    with pytest.raises(ValueError, match="--attention-backend"):
+        usp_npu.ContextParallelConfig.from_args(args).validate(4, 64)
+    cfg = config_from_args(args).validate(num_attention_heads=4, seq_length=64)
+    assert (cfg.context_parallel_size, cfg.ulysses_degree, cfg.attention_backend) == (4, 2, "auto")

@@ -11,6 +11,7 @@
 See docs/integration_megatron.md. Importing this module imports megatron-core.
 """
 
+from usp_npu.integrations.megatron.arguments import config_from_args
 from usp_npu.integrations.megatron.core_attention import USPCoreAttention, patch_spec
 from usp_npu.integrations.megatron.cpu import megatron_on_cpu
 from usp_npu.integrations.megatron.mesh import (
@@ -22,6 +23,7 @@ from usp_npu.integrations.megatron.mesh import (
 __all__ = [
     "USPCoreAttention",
     "check_megatron_mesh",
+    "config_from_args",
     "cp_groups_agree",
     "megatron_cp_groups",
     "megatron_on_cpu",
