@@ -1,10 +1,13 @@
 """Hugging Face transformers integration: a tiny Llama trained on 4 gloo ranks with
 attn_implementation="usp_npu" (hybrid u2 r2, ring cp4, Ulysses cp4 with 2 KV heads < u = 4)
 against the same model in one process (sdpa): three SGD steps, gradient accumulation 2,
-loss and every parameter gradient equal in float64. Plus a rank whose labels are all -100, and
-the refusals (padding mask, unsplit position ids, packed batches) raised on every rank."""
+loss and every parameter gradient equal in float64. Plus a packed batch of 3 documents (as
+DataCollatorWithFlattening makes it, with and without padding), a rank whose labels are all -100,
+and the refusals (padding mask, unsplit position ids, bad packed input) raised on every rank."""
 
 from __future__ import annotations
+
+import itertools
 
 import pytest
 import torch
@@ -169,6 +172,60 @@ def test_rank_whose_labels_are_all_ignored(pools):
         assert res["loss_err"] <= 1e-8 and res["grad_err"] <= 1e-8, (rank, res)
 
 
+def _packed_parity(algo: str, u: int | None, lengths: tuple[int, ...], pad: bool) -> dict:
+    """One row of 3 documents: position ids restart at 0 and cu_seq_lens_q/k are given, as
+    DataCollatorWithFlattening(return_flash_attn_kwargs=True) makes them; mean loss. The
+    reference is the unpadded row in one process, where transformers masks by documents itself."""
+    mesh = usp_npu.initialize_context_parallel(
+        usp_npu.ContextParallelConfig(4, algo, ulysses_degree_in_cp=u)
+    )
+    hf.register()
+    reference, model = _tiny_llama("sdpa"), _tiny_llama("usp_npu")
+    g = torch.Generator().manual_seed(11)
+    ids = torch.randint(VOCAB, (1, sum(lengths)), generator=g)
+    pos = torch.cat([torch.arange(n) for n in lengths])[None]
+    cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
+    shift = torch.full_like(ids, -100)  # each document predicts only its own next tokens
+    for a, b in itertools.pairwise(cu.tolist()):
+        shift[0, a : b - 1] = ids[0, a + 1 : b]
+    # use_cache=False: with a cache transformers skips its own packed-sequence mask
+    ref_loss = reference(
+        input_ids=ids, position_ids=pos, labels=shift, shift_labels=shift, use_cache=False
+    ).loss
+    ref_loss.backward()
+    batch = {"input_ids": ids, "labels": ids, "position_ids": pos}
+    batch |= {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": max(lengths)}
+    local = hf.shard_batch(batch, pad=pad)
+    loss = hf.reduce_loss(model(**local).loss, local["shift_labels"])
+    loss.backward()
+    for p in model.parameters():
+        dist.all_reduce(p.grad, group=mesh.cp_group)
+    return {
+        "loss_err": abs(loss.item() - ref_loss.item()) / ref_loss.item(),
+        "grad_err": max(
+            _rel(p.grad, r.grad)
+            for p, r in zip(model.parameters(), reference.parameters(), strict=True)
+        ),
+        "local_tokens": local["input_ids"].shape[1],
+    }
+
+
+PACKED = {
+    "hybrid-u2-r2": ("hybrid_cp_algo", 2, (96, 64, 96), False),
+    "ring-cp4-padded": ("megatron_cp_algo", None, (90, 70, 93), True),
+    "ulysses-cp4": ("ulysses_cp_algo", None, (100, 61, 95), False),
+}
+
+
+@pytest.mark.parametrize("name", list(PACKED))
+def test_packed_batch_of_three_documents(pools, name):
+    algo, u, lengths, pad = PACKED[name]
+    for rank, res in enumerate(pools(4).run(_packed_parity, algo, u, lengths, pad)):
+        assert res["loss_err"] <= 1e-8 and res["grad_err"] <= 1e-8, (rank, res)
+        # ring cp4 pads every document to a multiple of 2 x 4: 96 + 72 + 96 tokens
+        assert res["local_tokens"] == (66 if pad else sum(lengths) // 4), res
+
+
 def _refusals() -> list[str]:
     usp_npu.initialize_context_parallel(usp_npu.ContextParallelConfig(4, "ulysses_cp_algo"))
     hf.register()
@@ -177,6 +234,8 @@ def _refusals() -> list[str]:
     local = hf.shard_batch({"input_ids": ids})
     docs = torch.cat([torch.arange(20), torch.arange(30), torch.arange(14)])[None]
     padding = torch.ones_like(ids).index_fill_(1, torch.tensor([60, 61, 62, 63]), 0)
+    packed = hf.shard_batch({"input_ids": ids, "position_ids": docs})
+    packed.pop("cu_seq_lens_k")
     attempts = {
         "padding mask in shard_batch": lambda: hf.shard_batch(
             {"input_ids": ids, "attention_mask": padding}
@@ -187,8 +246,15 @@ def _refusals() -> list[str]:
             attention_mask=padding,
         ),
         "position ids not split": lambda: model(input_ids=local["input_ids"]),
-        "packed in shard_batch": lambda: hf.shard_batch({"input_ids": ids, "position_ids": docs}),
-        "packed in the model": lambda: model(**local, cu_seq_lens_q=torch.tensor([0, 20, 50, 64])),
+        "packed, two rows": lambda: hf.shard_batch(
+            {"input_ids": ids.expand(2, -1), "position_ids": docs.expand(2, -1)}
+        ),
+        "packed, bounds not given": lambda: model(
+            input_ids=packed["input_ids"], position_ids=packed["position_ids"]
+        ),
+        "packed, local bounds": lambda: model(
+            **{**packed, "cu_seq_lens_q": torch.tensor([0, 5, 12, 16])}
+        ),
         "sliding window": lambda: hf.usp_attention_forward(
             model.model.layers[0].self_attn,
             *(torch.zeros(1, 4, 16, 16),) * 3,
@@ -224,7 +290,13 @@ def test_refusals_are_raised_on_every_rank(pools):
         assert text.count("cannot honour a padding mask") == 1, text
         assert "it cannot be honoured exactly" in text or "another rank" in text, text
         assert "position_ids on CP rank" in text or "another rank" in text, text
-        assert text.count("packed sequences") >= 2, text
+        assert "a packed batch must be one row" in text, text
+        assert (
+            "position_ids on CP rank"
+            in text.split("packed, local bounds")[0].split("packed, bounds not given")[1]
+            or "another rank" in text
+        ), text
+        assert "FULL packed sequence (64 tokens)" in text, text
         assert "sliding_window=8" in text and "differs between the ranks" in text, text
         assert "num_items_in_batch=10 is below the 63 valid labels" in text, text
         assert "pad=True" in text and "padded: (1, 8)" in text, text
