@@ -26,9 +26,10 @@ from usp_npu.parallel_state import get_mesh
 from usp_npu.token_order import token_order_for, zigzag_positions
 
 _PACKED_PENDING = (
-    "packed_seq_params (THD packed sequences) are not supported by USPCoreAttention yet: they "
-    "need the packed-sequence split (cu_seqlens) of usp_npu's packed-sequence issue, which has "
-    "not landed; train with one sequence per row"
+    "packed_seq_params (THD packed sequences) are not supported by USPCoreAttention yet: "
+    "Megatron's THD context-parallel split (per document, through TransformerEngine) and its THD "
+    "RoPE slicing are not mapped onto usp_npu's packed split; train with one sequence per row, "
+    "or use usp_npu.context_parallel_attention(..., cu_seqlens=...) in your own attention"
 )
 
 
