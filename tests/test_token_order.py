@@ -12,19 +12,23 @@ from usp_npu.testing import dense_attention
 from usp_npu.testing.cases import relative_error
 from usp_npu.token_order import token_order_for, zigzag_positions
 
-# (algo, cp, u)
+# (algo, cp, u, options): the Ulysses KV cache rebuilds K/V in the backward, so it must get the
+# same permutation; all-gathered K/V arrive in group order like the all-to-all's
 CONFIGS = [
-    ("ulysses_cp_algo", 4, None),
-    ("megatron_cp_algo", 4, None),
-    ("hybrid_cp_algo", 4, 2),
-    ("ulysses_cp_algo", 8, None),
-    ("hybrid_cp_algo", 8, 2),
-    ("hybrid_cp_algo", 8, 4),
+    ("ulysses_cp_algo", 4, None, {}),
+    ("megatron_cp_algo", 4, None, {}),
+    ("hybrid_cp_algo", 4, 2, {}),
+    ("ulysses_cp_algo", 4, None, {"context_parallel_kv_cache_policy": "full"}),
+    ("ulysses_cp_algo", 4, None, {"context_parallel_kv_cache_policy": "half"}),
+    ("ulysses_cp_algo", 4, None, {"use_ulysses_allgather_kv": True}),
+    ("ulysses_cp_algo", 8, None, {}),
+    ("hybrid_cp_algo", 8, 2, {}),
+    ("hybrid_cp_algo", 8, 4, {}),
 ]
 
 
-def _zigzag_attention(algo: str, cp: int, u: int | None) -> dict:
-    cfg = usp_npu.ContextParallelConfig(cp, algo, ulysses_degree_in_cp=u)
+def _zigzag_attention(algo: str, cp: int, u: int | None, options: dict) -> dict:
+    cfg = usp_npu.ContextParallelConfig(cp, algo, ulysses_degree_in_cp=u, **options)
     mesh = usp_npu.initialize_context_parallel(cfg)
     seq, b, n, nkv, d = 64, 2, 8, 2, 8
     g = torch.Generator().manual_seed(3)
@@ -47,9 +51,13 @@ def _zigzag_attention(algo: str, cp: int, u: int | None) -> dict:
     return {"errors": errors, "permuted": order is not None}
 
 
-@pytest.mark.parametrize("algo,cp,u", CONFIGS, ids=[f"{a[:4]}-cp{c}-u{u}" for a, c, u in CONFIGS])
-def test_zigzag_split_is_exact_with_token_order(pools, algo, cp, u):
-    results = pools(cp).run(_zigzag_attention, algo, cp, u)
+@pytest.mark.parametrize(
+    "algo,cp,u,options",
+    CONFIGS,
+    ids=[f"{a[:4]}-cp{c}-u{u}{''.join(f'-{v}' for v in o.values())}" for a, c, u, o in CONFIGS],
+)
+def test_zigzag_split_is_exact_with_token_order(pools, algo, cp, u, options):
+    results = pools(cp).run(_zigzag_attention, algo, cp, u, options)
     for rank, res in enumerate(results):
         assert max(res["errors"]) <= 1e-9, (rank, res["errors"])
     # the ring's own split is Megatron's: nothing to permute there, and something everywhere else

@@ -132,6 +132,7 @@ class USPCoreAttention(MegatronModule):
             head_dim=hn,
             dropout_p=self.dropout_p if self.training else 0.0,
             mesh=self.mesh,
+            layer_number=self.layer_number,  # --context-parallel-cache-interval
             token_order=order,
         )
 
