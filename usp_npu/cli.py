@@ -3,7 +3,10 @@
 ``usp-npu demo``: run context-parallel attention on CPU ranks (spawned, gloo) or, under
 torchrun, one rank per process, and show its agreement with single-device attention.
 ``usp-npu bench``: for every valid (algo, u, r) of a world size, measure time, CPU time against
-one-process attention, compute balance and bytes sent per rank.
+one-process attention, compute balance and bytes sent per rank (per link class with
+``--devices-per-node``).
+``usp-npu plan``: predict time, bytes per link class and memory of every valid configuration on a
+cluster, and recommend one.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import torch
 
 from usp_npu.arguments import add_context_parallel_args
 from usp_npu.config import ContextParallelConfig
+from usp_npu.plan.cluster import PRESETS
+from usp_npu.plan.placement import PLACEMENTS, node_of_rank
 from usp_npu.sharding import token_indices
 from usp_npu.testing.cases import (
     DTYPES,
@@ -60,41 +65,206 @@ def _bench_parser(sub) -> None:
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--json", default=None, help="also write the rows as JSON to this file")
+    p.add_argument("--tensor-model-parallel-size", type=int, default=1, help="cp = world / tp")
+    p.add_argument(
+        "--devices-per-node",
+        type=int,
+        default=None,
+        help="count bytes per link class as if this many consecutive ranks shared a node",
+    )
+    p.add_argument("--placement", choices=PLACEMENTS, default="megatron")
+    _output_args(p, "rows")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
+def _output_args(p, what: str) -> None:
+    p.add_argument(
+        "--json",
+        nargs="?",
+        const="-",
+        default=None,
+        metavar="PATH",
+        help=f"the {what} as JSON: to PATH, or alone on stdout (the table then goes to stderr)",
+    )
+    p.add_argument("--plot", default=None, metavar="PNG", help="bar chart of the " + what)
+
+
+def _emit(data, table: str, args) -> None:
+    """Table on stdout, or on stderr when ``--json`` alone claims stdout."""
+    import json
+
+    print(table, file=sys.stderr if args.json == "-" else sys.stdout, flush=True)
+    if args.json == "-":
+        print(json.dumps(data, indent=1))
+    elif args.json:
+        with open(args.json, "w") as f:
+            json.dump(data, f, indent=1)
 
 
 def _bench(args) -> int:
-    import json
+    from tqdm import tqdm
 
-    from usp_npu.bench import bench_rank, format_table, single_process_cpu, summarize, valid_configs
+    from usp_npu.bench import (
+        bench_rank,
+        format_table,
+        plot_rows,
+        single_process_cpu,
+        summarize,
+        valid_configs,
+    )
     from usp_npu.testing.launcher import ProcessGroupPool
 
-    rows = []
+    tp = args.tensor_model_parallel_size
+    if tp < 1 or args.world_size % tp:
+        raise ValueError(
+            f"--tensor-model-parallel-size {tp} must divide --world-size {args.world_size}"
+        )
+    cp = args.world_size // tp
+    if args.devices_per_node is not None:  # fails here, before any rank starts
+        node_of_rank(args.world_size, args.devices_per_node, args.placement)
+    sweep = []
+    for seq in args.seq_length:
+        cases = valid_configs(cp, args.num_attention_heads, seq, args.num_query_groups, tp)
+        if not cases:
+            raise ValueError(f"no valid configuration for S={seq} on {args.world_size} ranks")
+        sweep += [
+            replace(
+                c,
+                dtype=args.dtype,
+                head_dim=args.head_dim,
+                repeats=args.repeats,
+                devices_per_node=args.devices_per_node,
+                placement=args.placement,
+            )
+            for c in cases
+        ]
+    rows: list[dict] = []
+    singles: dict[int, float] = {}
+    out = sys.stderr if args.json == "-" else sys.stdout
     with (
         ProcessGroupPool(1, timeout_s=3600) as one,
         ProcessGroupPool(args.world_size, timeout_s=3600) as pool,
+        tqdm(sweep, desc="usp-npu bench", unit="config", disable=args.no_progress) as bar,
     ):
-        for seq in args.seq_length:
-            cases = [
-                replace(c, dtype=args.dtype, head_dim=args.head_dim, repeats=args.repeats)
-                for c in valid_configs(
-                    args.world_size, args.num_attention_heads, seq, args.num_query_groups
-                )
-            ]
-            if not cases:
-                raise ValueError(f"no valid configuration for S={seq} on {args.world_size} ranks")
-            single = one.run(single_process_cpu, cases[0])[0]
-            for case in cases:
-                rows.append(summarize(case, pool.run(bench_rank, case), single))
-                print(format_table(rows[-1:]).splitlines()[-1], flush=True)
-    print(
-        f"\n{args.world_size} ranks (gloo, 1 thread each) on {os.cpu_count()} cores, {args.dtype}, "
-        f"heads {args.num_attention_heads}, head_dim {args.head_dim}, causal:\n"
+        for case in bar:
+            bar.set_postfix_str(f"S={case.seq} {case.label}")
+            if case.seq not in singles:
+                singles[case.seq] = one.run(single_process_cpu, case)[0]
+            rows.append(summarize(case, pool.run(bench_rank, case), singles[case.seq]))
+            bar.write(format_table(rows[-1:]).splitlines()[-1], file=out)
+    header = (
+        f"\n{args.world_size} ranks (gloo, 1 thread each, tp {tp}, cp {cp}) on {os.cpu_count()} "
+        f"cores, {args.dtype}, heads {args.num_attention_heads}, head_dim {args.head_dim}, causal:\n"
     )
-    print(format_table(rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    _emit(rows, header + "\n" + format_table(rows), args)
+    if args.plot:
+        plot_rows(rows, args.plot)
+    return 0
+
+
+def _plan_parser(sub) -> None:
+    p = sub.add_parser(
+        "plan", help="predict time, bytes per link class and memory of every (algo, u, r)"
+    )
+    p.add_argument("--preset", choices=sorted(PRESETS), default="atlas-800t-a2")
+    model = p.add_argument_group("model (one attention layer)")
+    model.add_argument("--num-attention-heads", type=int, required=True)
+    model.add_argument("--num-query-groups", type=int, default=None, help="K/V heads (GQA)")
+    model.add_argument("--head-dim", type=int, default=128)
+    model.add_argument("--seq-length", type=int, required=True)
+    model.add_argument("--num-layers", type=int, default=1, help="layers per step")
+    model.add_argument("--micro-batch-size", type=int, default=1)
+    model.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    model.add_argument("--attention-mask-type", choices=("causal", "general"), default="causal")
+    par = p.add_argument_group("parallelism")
+    par.add_argument("--context-parallel-size", type=int, default=None, help="default: world / tp")
+    par.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    par.add_argument(
+        "--placement",
+        choices=(*PLACEMENTS, "all"),
+        default="megatron",
+        help="megatron: consecutive ranks per node; round_robin: rank g on node g %% nodes",
+    )
+    hw = p.add_argument_group("cluster (overrides the preset)")
+    for flag, unit in (
+        ("--nodes", "count"),
+        ("--devices-per-node", "count"),
+        ("--intra-node-bandwidth", "GB/s per device"),
+        ("--intra-node-link-bandwidth", "GB/s per peer link"),
+        ("--inter-node-bandwidth", "GB/s per node"),
+        ("--intra-node-latency", "microseconds"),
+        ("--inter-node-latency", "microseconds"),
+        ("--device-flops", "TFLOP/s"),
+        ("--device-memory", "GiB"),
+        ("--memory-bandwidth", "GB/s"),
+        ("--call-overhead", "microseconds per kernel call"),
+        ("--backward-flops-ratio", "backward / forward FLOPs"),
+    ):
+        hw.add_argument(flag, type=int if unit == "count" else float, default=None, help=unit)
+    _output_args(p, "configurations")
+
+
+_UNITS = {
+    "intra_node_bandwidth": 1e9,
+    "intra_node_link_bandwidth": 1e9,
+    "inter_node_bandwidth": 1e9,
+    "intra_node_latency": 1e-6,
+    "inter_node_latency": 1e-6,
+    "device_flops": 1e12,
+    "device_memory": 2**30,
+    "memory_bandwidth": 1e9,
+    "call_overhead": 1e-6,
+    "backward_flops_ratio": 1.0,
+    "nodes": 1,
+    "devices_per_node": 1,
+}
+
+
+def _plan(args) -> int:
+    from usp_npu.plan import ModelShape, format_plan, plan, plot_plan
+
+    overrides = {
+        name: None if getattr(args, name) is None else getattr(args, name) * unit
+        for name, unit in _UNITS.items()
+    }
+    for name in ("nodes", "devices_per_node"):
+        value = overrides[name]
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    cluster = PRESETS[args.preset].with_overrides(**overrides)
+    tp = args.tensor_model_parallel_size
+    if tp < 1 or cluster.world_size % tp:
+        raise ValueError(
+            f"--tensor-model-parallel-size {tp} must divide the {cluster.world_size} devices "
+            f"(--nodes {cluster.nodes} x --devices-per-node {cluster.devices_per_node})"
+        )
+    shape = ModelShape(
+        heads=args.num_attention_heads,
+        head_dim=args.head_dim,
+        seq=args.seq_length,
+        kv_heads=args.num_query_groups,
+        batch=args.micro_batch_size,
+        dtype=args.dtype,
+        num_layers=args.num_layers,
+    )
+    placements = PLACEMENTS if args.placement == "all" else (args.placement,)
+    result = plan(
+        shape,
+        cluster,
+        cp=args.context_parallel_size,
+        tp=tp,
+        placements=placements,
+        mask_type=args.attention_mask_type,
+    )
+    head = (
+        f"usp-npu plan: {cluster.name}, {cluster.nodes} x {cluster.devices_per_node} devices, "
+        f"tp {tp}, cp {result['context_parallel_size']}; heads {shape.heads}/"
+        f"{shape.kv_heads or shape.heads}, head_dim {shape.head_dim}, S={shape.seq}, "
+        f"{shape.dtype}, {args.attention_mask_type}; one layer forward + backward per rank\n"
+    )
+    _emit(result, head + "\n" + format_plan(result), args)
+    if args.plot:
+        plot_plan(result, args.plot)
     return 0
 
 
@@ -242,12 +412,15 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _demo_parser(sub)
     _bench_parser(sub)
+    _plan_parser(sub)
     args = parser.parse_args(argv)
     try:
         if args.command == "demo":
             return _demo(args)
         if args.command == "bench":
             return _bench(args)
+        if args.command == "plan":
+            return _plan(args)
     except ValueError as err:
         print(f"usp-npu: {err}", file=sys.stderr)
         return 2

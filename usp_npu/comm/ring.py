@@ -98,7 +98,7 @@ class RingExchange:
     def _post(self, tensor: torch.Tensor, kind: str) -> PendingRecv:
         recv = torch.empty_like(tensor)
         if self.stats is not None:
-            self.stats.add(kind, tensor.numel() * tensor.element_size())
+            self.stats.add(kind, tensor.numel() * tensor.element_size(), (self.next_rank,))
         if not self.split_groups:
             ops = [
                 dist.P2POp(dist.isend, tensor, self.next_rank, self.send_group),

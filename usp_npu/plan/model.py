@@ -1,0 +1,177 @@
+"""Time and memory of one attention layer per rank, forward + backward, on a :class:`Cluster`.
+
+The layer runs as a sequence of phases that every rank enters together (``traffic.py``):
+
+- an all-to-all phase is exposed: packing copies at memory bandwidth + latency + the slower of
+  its intra-node part (the busiest rank's bytes at the per-device bandwidth, or the busiest
+  peer link) and its inter-node part (the busiest node's off-node bytes at the node's bandwidth);
+- ring step ``t`` costs ``max(compute_t, transfer_t)``: the block kernel of step ``t`` (its
+  FLOPs from ``ring_schedule`` at the device rate, plus a per-call overhead and, forward, the
+  fused merge at memory bandwidth) runs while the next K/V block (and, backward, the previous
+  dK/dV accumulator) travels. The backward's last dK/dV hop has nothing to hide behind.
+
+Memory: what the ring keeps for the backward (q, k, v after the all-to-all, the output, the
+softmax statistics) plus the peak of the transient buffers (all-to-all send + receive, the
+double-buffered K/V, dK/dV accumulators).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from usp_npu.algorithms.schedule import ring_schedule
+from usp_npu.config import ContextParallelConfig
+from usp_npu.kernels.base import CAUSAL
+from usp_npu.plan.cluster import Cluster
+from usp_npu.plan.placement import INTER, INTRA, link_class
+from usp_npu.plan.traffic import ModelShape, RankShape, Transfer, rank_shape
+
+FORWARD_PHASES = ("a2a_in", "ring", "a2a_out")
+BACKWARD_PHASES = ("a2a_dout", "ring", "a2a_dqkv")
+
+
+@dataclass
+class Prediction:
+    """Seconds for one layer (forward + backward) on the slowest rank, and its parts."""
+
+    forward_s: float = 0.0
+    backward_s: float = 0.0
+    compute_s: float = 0.0  # kernel + merge + packing copies, never hidden
+    comm_s: float = 0.0  # every transfer's own duration, hidden or not
+    phases: list[dict] = field(default_factory=list)
+    held_bytes: int = 0
+    transient_bytes: int = 0
+
+    @property
+    def total_s(self) -> float:
+        return self.forward_s + self.backward_s
+
+    @property
+    def exposed_comm_s(self) -> float:
+        return self.total_s - self.compute_s
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.held_bytes + self.transient_bytes
+
+
+def transfer_time(transfers: list[Transfer], nodes: list[int], cluster: Cluster) -> float:
+    """Seconds for a set of concurrent transfers to complete (0 when there are none)."""
+    if not transfers:
+        return 0.0
+    per_rank: dict[int, int] = defaultdict(int)
+    per_link: dict[tuple[int, int], int] = defaultdict(int)
+    per_node: dict[int, int] = defaultdict(int)
+    classes = set()
+    for t in transfers:
+        cls = link_class(nodes, t.src, t.dst)
+        classes.add(cls)
+        if cls == INTRA:
+            per_rank[t.src] += t.nbytes
+            per_link[t.src, t.dst] += t.nbytes
+        else:
+            per_node[nodes[t.src]] += t.nbytes
+    intra = max(per_rank.values(), default=0) / cluster.intra_node_bandwidth
+    if cluster.intra_node_link_bandwidth:
+        intra = max(intra, max(per_link.values(), default=0) / cluster.intra_node_link_bandwidth)
+    inter = max(per_node.values(), default=0) / cluster.inter_node_bandwidth
+    latency = cluster.inter_node_latency if INTER in classes else cluster.intra_node_latency
+    return latency + max(intra, inter)
+
+
+def _step_compute(
+    shape: ModelShape, rs: RankShape, cfg: ContextParallelConfig, cluster: Cluster
+) -> tuple[list[float], list[float]]:
+    """Per ring step, forward and backward seconds of the slowest rank's block work."""
+    fwd, bwd = [0.0] * rs.r, [0.0] * rs.r
+    width = shape.batch * rs.ring_q_heads * shape.head_dim
+    for ring_rank in range(rs.r):
+        for t, step in enumerate(ring_schedule(ring_rank, rs.r, rs.ring_len, cfg.causal)):
+            q_rows = len(range(rs.ring_len)[step.q_rows])
+            kv_rows = len(range(rs.ring_len)[step.kv_rows])
+            pairs = q_rows * (q_rows + 1) / 2 if step.mask is CAUSAL else q_rows * kv_rows
+            flops = 4.0 * pairs * width
+            f = flops / cluster.device_flops + cluster.call_overhead
+            if t > 0:  # fused merge: read both partial outputs, write one (fp32) + statistics
+                f += 3 * q_rows * width * shape.accumulator_bytes / cluster.memory_bandwidth
+            b = cluster.backward_flops_ratio * flops / cluster.device_flops + cluster.call_overhead
+            fwd[t], bwd[t] = max(fwd[t], f), max(bwd[t], b)
+    return fwd, bwd
+
+
+def _packing_s(shape: ModelShape, rs: RankShape, cluster: Cluster, phase: str) -> float:
+    """The all-to-all's pack and unpack copies (read + write, both sides) of this rank."""
+    if rs.u == 1:
+        return 0.0
+    heads = rs.q_heads + (2 * rs.kv_heads if phase in ("a2a_in", "a2a_dqkv") else 0)
+    nbytes = rs.local * shape.batch * heads * shape.head_dim * shape.element_bytes
+    return 4 * nbytes / cluster.memory_bandwidth
+
+
+def _memory(shape: ModelShape, rs: RankShape, cluster: Cluster) -> tuple[int, int]:
+    e, acc = shape.element_bytes, shape.accumulator_bytes
+    token = rs.local * shape.batch * shape.head_dim
+    qkv = (rs.q_heads + 2 * rs.kv_heads) * token * e
+    out = rs.q_heads * token * e
+    stats = 2 * shape.batch * rs.q_heads * rs.local * cluster.stat_lanes * acc
+    held = qkv + out + stats
+    kv_block = 2 * rs.kv_heads * token * e
+    a2a = 2 * qkv if rs.u > 1 else 0  # send + receive buffers
+    ring_fwd = (kv_block + out * acc // e) if rs.r > 1 else 0  # in-flight K/V, fp32 output
+    # backward: in-flight K/V, dQ accumulator, dK/dV home + travelling + current (fp32)
+    dkv = 2 * rs.kv_heads * token * acc
+    ring_bwd = kv_block + rs.q_heads * token * acc + (3 * dkv if rs.r > 1 else dkv)
+    return held, max(a2a, ring_fwd, ring_bwd)
+
+
+def predict(
+    shape: ModelShape,
+    cfg: ContextParallelConfig,
+    tp: int,
+    cluster: Cluster,
+    nodes: list[int],
+    transfers: list[Transfer],
+) -> Prediction:
+    """Predicted time and memory of one layer; ``transfers`` from ``traffic.layer_transfers``."""
+    rs = rank_shape(shape, cfg, tp)
+    fwd_c, bwd_c = _step_compute(shape, rs, cfg, cluster)
+    by_phase: dict[tuple[str, str, int], list[Transfer]] = defaultdict(list)
+    for t in transfers:
+        by_phase[t.direction, t.phase, t.step].append(t)
+    pred = Prediction()
+    for direction, phases, compute in (
+        ("forward", FORWARD_PHASES, fwd_c),
+        ("backward", BACKWARD_PHASES, bwd_c),
+    ):
+        total = 0.0
+        for phase in phases:
+            if phase == "ring":
+                steps = rs.r + (1 if direction == "backward" and rs.r > 1 else 0)
+                for t in range(steps):
+                    work = compute[t] if t < rs.r else 0.0
+                    comm = transfer_time(by_phase[direction, phase, t], nodes, cluster)
+                    total += max(work, comm)
+                    pred.compute_s += work
+                    pred.comm_s += comm
+                    pred.phases.append(
+                        {"direction": direction, "phase": f"ring step {t}", "compute_s": work,
+                         "comm_s": comm}
+                    )  # fmt: skip
+                continue
+            if rs.u == 1:
+                continue
+            work = _packing_s(shape, rs, cluster, phase)
+            comm = transfer_time(by_phase[direction, phase, 0], nodes, cluster)
+            total += work + comm
+            pred.compute_s += work
+            pred.comm_s += comm
+            pred.phases.append(
+                {"direction": direction, "phase": phase, "compute_s": work, "comm_s": comm}
+            )
+        if direction == "forward":
+            pred.forward_s = total
+        else:
+            pred.backward_s = total
+    pred.held_bytes, pred.transient_bytes = _memory(shape, rs, cluster)
+    return pred

@@ -1,0 +1,224 @@
+"""``usp-npu plan``: every (algo, u, r, placement) for a model on a cluster, ranked.
+
+Each configuration is checked by ``ContextParallelConfig.validate`` (a rejected one carries its
+message), then priced by ``model.predict`` on the bytes of ``traffic.layer_transfers``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from usp_npu.config import HYBRID, RING, ULYSSES, ContextParallelConfig
+from usp_npu.plan.cluster import Cluster
+from usp_npu.plan.model import predict
+from usp_npu.plan.placement import INTER, INTRA, LINK_CLASSES, node_of_rank
+from usp_npu.plan.traffic import ModelShape, bytes_by_class, layer_transfers
+
+
+def candidate_configs(cp: int, mask_type: str = "causal") -> list[ContextParallelConfig]:
+    """Ring (u = 1), every hybrid 1 < u < cp, and Ulysses (u = cp), in that order."""
+    out = []
+    for u in (d for d in range(1, cp + 1) if cp % d == 0):
+        algo = ULYSSES if u == cp else (RING if u == 1 else HYBRID)
+        out.append(
+            ContextParallelConfig(
+                context_parallel_size=cp,
+                context_parallel_algo=algo,
+                ulysses_degree_in_cp=u if algo == HYBRID else None,
+                attention_mask_type=mask_type,
+            )
+        )
+    return out
+
+
+def _flags(cfg: ContextParallelConfig) -> str:
+    flags = f"--context-parallel-size {cfg.context_parallel_size} "
+    flags += f"--context-parallel-algo {cfg.context_parallel_algo}"
+    if cfg.context_parallel_algo == HYBRID:
+        flags += f" --ulysses-degree-in-cp {cfg.ulysses_degree_in_cp}"
+    return flags
+
+
+def evaluate(
+    shape: ModelShape,
+    cfg: ContextParallelConfig,
+    cluster: Cluster,
+    tp: int = 1,
+    placement: str = "megatron",
+) -> dict:
+    """One configuration as a JSON-ready entry (``valid`` False with ``error`` when rejected)."""
+    world = cluster.world_size
+    entry = {
+        "context_parallel_algo": cfg.context_parallel_algo,
+        "ulysses_degree": cfg.ulysses_degree,
+        "ring_degree": cfg.ring_degree,
+        "placement": placement,
+        "flags": _flags(cfg),
+        "valid": True,
+        "error": None,
+        "predicted_time_s": None,
+        "predicted_step_time_s": None,
+        "bytes_per_rank": None,
+        "memory_bytes_per_rank": None,
+    }
+    try:
+        cfg.validate(
+            shape.heads,
+            shape.seq,
+            tensor_model_parallel_size=tp,
+            num_query_groups=shape.kv_heads,
+            world_size=world,
+        )
+    except ValueError as err:
+        entry.update(valid=False, error=str(err))
+        return entry
+    nodes = node_of_rank(world, cluster.devices_per_node, placement)
+    transfers = layer_transfers(shape, cfg, tp, world)
+    pred = predict(shape, cfg, tp, cluster, nodes, transfers)
+    per_rank = bytes_by_class(transfers, nodes)
+    by_kind: dict[str, dict[str, int]] = {}
+    for kinds in per_rank.values():
+        for kind, classes in kinds.items():
+            slot = by_kind.setdefault(kind, dict.fromkeys(LINK_CLASSES, 0))
+            for cls, n in classes.items():
+                slot[cls] = max(slot[cls], n)
+    bytes_per_rank = {
+        cls: max((sum(c.get(cls, 0) for c in kinds.values()) for kinds in per_rank.values()), default=0)
+        for cls in LINK_CLASSES
+    }  # fmt: skip
+    entry.update(
+        predicted_time_s=pred.total_s,
+        predicted_step_time_s=pred.total_s * shape.num_layers,
+        forward_time_s=pred.forward_s,
+        backward_time_s=pred.backward_s,
+        compute_time_s=pred.compute_s,
+        exposed_comm_time_s=pred.exposed_comm_s,
+        comm_time_s=pred.comm_s,
+        bytes_per_rank=bytes_per_rank,
+        bytes_by_kind=by_kind,
+        # every layer keeps its activations for the backward; transients are per layer
+        memory_bytes_per_rank=pred.held_bytes * shape.num_layers + pred.transient_bytes,
+        memory_held_bytes=pred.held_bytes,
+        memory_transient_bytes=pred.transient_bytes,
+        fits_in_memory=pred.held_bytes * shape.num_layers + pred.transient_bytes
+        <= cluster.device_memory,
+        phases=pred.phases,
+    )
+    return entry
+
+
+def _reason(best: dict, runner_up: dict | None, cluster: Cluster) -> str:
+    b = best["bytes_per_rank"]
+    where = (
+        f"its {b[INTRA] / 2**20:.1f} MiB per rank of intra-node traffic and "
+        f"{b[INTER] / 2**20:.1f} MiB of inter-node traffic leave "
+        f"{best['exposed_comm_time_s'] * 1e3:.3g} ms exposed next to "
+        f"{best['compute_time_s'] * 1e3:.3g} ms of compute"
+    )
+    name = f"{best['context_parallel_algo']} (u={best['ulysses_degree']}, r={best['ring_degree']}, {best['placement']} placement)"
+    if runner_up is None:
+        return f"{name} is the only valid configuration: {where}."
+    gap = runner_up["predicted_time_s"] / best["predicted_time_s"] - 1
+    other = f"{runner_up['context_parallel_algo']} u={runner_up['ulysses_degree']} r={runner_up['ring_degree']}"
+    return (
+        f"{name} is predicted fastest at {best['predicted_time_s'] * 1e3:.3g} ms per layer: {where} "
+        f"on {cluster.nodes} x {cluster.devices_per_node} devices, {gap * 100:.1f}% ahead of {other}."
+    )
+
+
+def plan(
+    shape: ModelShape,
+    cluster: Cluster,
+    cp: int | None = None,
+    tp: int = 1,
+    placements: tuple[str, ...] = ("megatron",),
+    mask_type: str = "causal",
+) -> dict:
+    """The whole plan: ``{"model", "cluster", "configs", "recommended", "reason"}``.
+
+    ``cp`` defaults to every device not used by tensor parallelism (world / tp). The recommended
+    entry is the fastest valid one that fits in device memory (the fastest valid one when none
+    fits); ties go to fewer inter-node bytes.
+    """
+    cp = cp or cluster.world_size // tp
+    configs = [
+        evaluate(shape, cfg, cluster, tp, placement)
+        for placement in placements
+        for cfg in candidate_configs(cp, mask_type)
+    ]
+    valid = [c for c in configs if c["valid"]]
+    pool = [c for c in valid if c["fits_in_memory"]] or valid
+    ranked = sorted(pool, key=lambda c: (c["predicted_time_s"], c["bytes_per_rank"][INTER]))
+    result = {
+        "model": asdict(shape),
+        "cluster": cluster.as_dict(),
+        "context_parallel_size": cp,
+        "tensor_model_parallel_size": tp,
+        "configs": configs,
+        "recommended": dict(ranked[0]) if ranked else None,
+        "reason": (
+            _reason(ranked[0], ranked[1] if len(ranked) > 1 else None, cluster)
+            if ranked
+            else "no configuration is valid: see each entry's error"
+        ),
+    }
+    return result
+
+
+def format_plan(result: dict) -> str:
+    """Markdown table of every configuration, then the recommendation."""
+    lines = [
+        "| config | placement | ms / layer | ms / step | compute ms | exposed comm ms "
+        "| MiB intra | MiB inter | GiB memory | note |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in result["configs"]:
+        name = f"{c['context_parallel_algo']} u={c['ulysses_degree']} r={c['ring_degree']}"
+        if not c["valid"]:
+            msg = (
+                c["error"].replace("\n", " ").replace("invalid context-parallel settings:   - ", "")
+            )
+            lines.append(
+                f"| {name} | {c['placement']} | - | - | - | - | - | - | - | rejected: {msg} |"
+            )
+            continue
+        b = c["bytes_per_rank"]
+        note = "" if c["fits_in_memory"] else "does not fit in device memory"
+        if result["recommended"] and all(
+            c[k] == result["recommended"][k]
+            for k in ("context_parallel_algo", "ulysses_degree", "placement")
+        ):
+            note = ("RECOMMENDED " + note).strip()
+        lines.append(
+            f"| {name} | {c['placement']} | {c['predicted_time_s'] * 1e3:.3f} "
+            f"| {c['predicted_step_time_s'] * 1e3:.2f} | {c['compute_time_s'] * 1e3:.3f} "
+            f"| {c['exposed_comm_time_s'] * 1e3:.3f} | {b[INTRA] / 2**20:.1f} "
+            f"| {b[INTER] / 2**20:.1f} | {c['memory_bytes_per_rank'] / 2**30:.2f} | {note} |"
+        )
+    return "\n".join(lines) + f"\n\n{result['reason']}"
+
+
+def plot_plan(result: dict, path: str) -> None:
+    """Bar per valid configuration: compute and exposed communication, stacked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    valid = [c for c in result["configs"] if c["valid"]]
+    labels = [
+        f"{c['context_parallel_algo'].split('_')[0]}\nu={c['ulysses_degree']} r={c['ring_degree']}"
+        + ("\n" + c["placement"] if len({x["placement"] for x in valid}) > 1 else "")
+        for c in valid
+    ]
+    compute = [c["compute_time_s"] * 1e3 for c in valid]
+    exposed = [c["exposed_comm_time_s"] * 1e3 for c in valid]
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(valid)), 4))
+    ax.bar(labels, compute, label="compute")
+    ax.bar(labels, exposed, bottom=compute, label="exposed communication")
+    ax.set_ylabel("ms per layer (forward + backward)")
+    ax.set_title(result["reason"][:90] + ("..." if len(result["reason"]) > 90 else ""), fontsize=8)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
