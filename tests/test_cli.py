@@ -10,12 +10,23 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 
 import pytest
 
 from usp_npu import cli
+from usp_npu.bench import BenchCase
+from usp_npu.plan import PRESETS, ModelShape, evaluate
 from usp_npu.testing.cases import AttentionCase, run_shards
 from usp_npu.testing.launcher import run_torchrun
+
+SHAPE = ModelShape(heads=4, head_dim=8, seq=64, dtype="float32")
+NODES_2X2 = replace(PRESETS["generic-8gpu"], nodes=2, devices_per_node=2)
+
+
+def bench_fields(row: dict) -> dict:
+    return {k: row[k] for k in ("algo", "cp", "ulysses_degree")}
+
 
 ERRORS = re.compile(r"out (\S+), dq (\S+), dk (\S+), dv (\S+)\s+\(tolerance (\S+)\)")
 SMALL = ["--seq-length", "64", "--num-attention-heads", "4", "--head-dim", "16"]
@@ -95,8 +106,10 @@ def test_bench_counts_bytes_as_the_cost_model_says(tmp_path, capsys):
     path = tmp_path / "bench.json"
     argv = ["bench", "--world-size", "4", "--seq-length", "64", "--num-attention-heads", "4"]
     argv += ["--head-dim", "8", "--repeats", "1", "--json", str(path)]
+    argv += ["--devices-per-node", "2", "--plot", str(tmp_path / "bench.png")]
     assert cli.main(argv) == 0
     rows = json.loads(path.read_text())
+    assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
     assert [row["config"] for row in rows] == [
         "megatron_cp_algo u=1 r=4",
         "hybrid_cp_algo u=2 r=2",
@@ -109,5 +122,8 @@ def test_bench_counts_bytes_as_the_cost_model_says(tmp_path, capsys):
         assert row["mib_by_kind"] == pytest.approx(want), row["config"]
         assert row["mib_per_rank"] == pytest.approx(sum(want.values()))
         assert row["compute_max_over_mean"] >= 1.0 and row["cpu_vs_single"] > 0
+        # per link class (ranks {0, 1} and {2, 3} share a node): what usp-npu plan predicts
+        entry = evaluate(SHAPE, BenchCase(**bench_fields(row)).config(), NODES_2X2)
+        assert row["bytes_per_rank"] == entry["bytes_per_rank"], row["config"]
     table = capsys.readouterr().out.split("causal:\n")[-1]
     assert len([line for line in table.splitlines() if line.startswith("| ")]) == 1 + len(rows)

@@ -116,6 +116,8 @@ def bench_rank(case: BenchCase) -> dict:
             blocking_comm=case.blocking,
         )
         t1 = time.perf_counter()
+        forward_bytes = dict(stats.sent)
+        forward_by_link = {kind: dict(classes) for kind, classes in stats.by_link.items()}
         out.backward(torch.ones_like(out))
         t2, c2 = time.perf_counter(), time.thread_time()
         if it == 0:
@@ -129,7 +131,14 @@ def bench_rank(case: BenchCase) -> dict:
             totals[key] += value / case.repeats
         totals["ring_wait_s"] += stats.ring_wait_s / case.repeats
     by_link = {kind: dict(classes) for kind, classes in stats.by_link.items()}
-    return {**totals, "bytes": dict(stats.sent), "bytes_by_link": by_link, "rank": mesh.rank}
+    return {
+        **totals,
+        "bytes": dict(stats.sent),
+        "bytes_by_link": by_link,
+        "forward_bytes": forward_bytes,
+        "forward_bytes_by_link": forward_by_link,
+        "rank": mesh.rank,
+    }
 
 
 def summarize(case: BenchCase, ranks: list[dict], single_cpu_s: float | None = None) -> dict:

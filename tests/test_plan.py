@@ -1,0 +1,207 @@
+"""``usp-npu plan``: the JSON contract, rejected configurations, the bytes the model predicts
+against the bytes the communication layer counts, and the placement of ranks on nodes.
+
+The byte checks run the real bench on gloo ranks (``bench_rank``) with every rank assigned to a
+node, and compare each rank's counted bytes, per kind and per link class, forward and forward +
+backward, with ``usp_npu.plan.traffic`` exactly.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from usp_npu import cli
+from usp_npu.bench import BenchCase, bench_rank
+from usp_npu.config import HYBRID, RING, ULYSSES, ContextParallelConfig
+from usp_npu.parallel_state import initialize_context_parallel
+from usp_npu.plan import (
+    PRESETS,
+    ModelShape,
+    bytes_by_class,
+    counted_by_kind,
+    layer_transfers,
+    node_of_rank,
+    plan,
+    rank_groups,
+)
+
+CONTRACT = [
+    "plan", "--preset", "atlas-800t-a2", "--nodes", "2", "--num-attention-heads", "32",
+    "--num-query-groups", "8", "--head-dim", "128", "--seq-length", "131072",
+    "--context-parallel-size", "16", "--json",
+]  # fmt: skip
+
+
+def run_plan(argv: list[str], capsys) -> dict:
+    assert cli.main(argv) == 0
+    captured = capsys.readouterr()
+    assert "usp-npu plan:" in captured.err  # the table goes to stderr when --json owns stdout
+    return json.loads(captured.out)
+
+
+def test_plan_json_contract(capsys):
+    result = run_plan(CONTRACT, capsys)
+    configs = result["configs"]
+    assert [(c["context_parallel_algo"], c["ulysses_degree"], c["ring_degree"]) for c in configs] == [
+        (RING, 1, 16), (HYBRID, 2, 8), (HYBRID, 4, 4), (HYBRID, 8, 2), (ULYSSES, 16, 1)
+    ]  # fmt: skip
+    for c in configs:
+        assert c["valid"] is True and c["error"] is None
+        assert isinstance(c["predicted_time_s"], float) and c["predicted_time_s"] > 0
+        assert set(c["bytes_per_rank"]) == {"intra_node", "inter_node"}
+        assert all(isinstance(v, int) and v >= 0 for v in c["bytes_per_rank"].values())
+        assert isinstance(c["memory_bytes_per_rank"], int) and c["memory_bytes_per_rank"] > 0
+    best = min(configs, key=lambda c: c["predicted_time_s"])
+    assert result["recommended"] == best
+    assert isinstance(result["reason"], str) and result["reason"].endswith(".")
+    assert best["context_parallel_algo"] in result["reason"]
+    # 2 nodes x 8: Ulysses over 16 ranks sends 8 of its 15 peer shares off-node; ring r=16 has
+    # rank 7 -> 8 and 15 -> 0 crossing nodes, so its busiest rank sends everything inter-node
+    uly, ring = configs[-1]["bytes_per_rank"], configs[0]["bytes_per_rank"]
+    assert uly["inter_node"] * 7 == uly["intra_node"] * 8
+    assert ring["inter_node"] == ring["intra_node"] > 0
+
+
+def test_plan_rejects_with_the_validation_message(capsys):
+    """12 heads on cp 8: Ulysses (u=8) and hybrid u=8... are rejected with validate's own words."""
+    argv = ["plan", "--nodes", "1", "--num-attention-heads", "12", "--num-query-groups", "4"]
+    argv += ["--head-dim", "64", "--seq-length", "4096", "--json"]
+    result = run_plan(argv, capsys)
+    by_u = {c["ulysses_degree"]: c for c in result["configs"]}
+    assert sorted(by_u) == [1, 2, 4, 8]
+    assert by_u[1]["valid"] and by_u[2]["valid"] and by_u[4]["valid"]
+    rejected = by_u[8]
+    assert rejected["valid"] is False and rejected["predicted_time_s"] is None
+    with pytest.raises(ValueError) as err:
+        ContextParallelConfig(8, ULYSSES).validate(12, 4096, num_query_groups=4, world_size=8)
+    assert rejected["error"] == str(err.value)
+    assert "--num-attention-heads 12 must be divisible by" in rejected["error"]
+    assert result["recommended"]["valid"] is True
+
+
+def test_plan_table_and_plot(tmp_path, capsys):
+    png = tmp_path / "plan.png"
+    argv = ["plan", "--preset", "generic-8gpu", "--nodes", "2", "--num-attention-heads", "16"]
+    argv += ["--seq-length", "32768", "--placement", "all", "--plot", str(png)]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.count("| round_robin |") == out.count("| megatron |") == 5  # cp 16: u = 1..16
+    assert out.count("RECOMMENDED") == 1
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--devices-per-node", "0"], "--devices-per-node"),
+        (["--tensor-model-parallel-size", "3"], "--tensor-model-parallel-size 3"),
+        (["--nodes", "0"], "--nodes"),
+    ],
+)
+def test_plan_bad_cluster_flags(flags, named, capsys):
+    argv = ["plan", "--num-attention-heads", "8", "--seq-length", "1024", *flags]
+    assert cli.main(argv) == 2
+    assert named in capsys.readouterr().err
+
+
+def test_overlap_hides_a_fast_ring_and_not_a_slow_one():
+    """Ring transfers hide behind compute on fast links (exposed ~ 0) and show on slow ones;
+    the Ulysses all-to-all is always exposed."""
+    shape = ModelShape(heads=32, head_dim=128, seq=131072, kv_heads=8)
+    fast = PRESETS["atlas-800t-a2"].with_overrides(nodes=2)
+    slow = fast.with_overrides(inter_node_bandwidth=1e9)
+    by = {
+        name: {c["ulysses_degree"]: c for c in plan(shape, cl, cp=16)["configs"]}
+        for name, cl in (("fast", fast), ("slow", slow))
+    }
+    ring_fast, ring_slow = by["fast"][1], by["slow"][1]
+    assert ring_fast["exposed_comm_time_s"] < 0.02 * ring_fast["compute_time_s"]
+    assert ring_slow["exposed_comm_time_s"] > ring_slow["compute_time_s"]
+    uly = by["fast"][16]
+    assert uly["exposed_comm_time_s"] >= uly["comm_time_s"] * 0.999
+
+
+# -- placement ----------------------------------------------------------------------------------
+
+
+def _my_groups(cp: int, u: int, tp: int) -> tuple:
+    algo = ULYSSES if u == cp else (RING if u == 1 else HYBRID)
+    cfg = ContextParallelConfig(cp, algo, u if algo == HYBRID else None)
+    mesh = initialize_context_parallel(cfg, tensor_model_parallel_size=tp)
+    return mesh.rank, mesh.ulysses_ranks, mesh.ring_ranks
+
+
+@pytest.mark.parametrize(("cp", "u", "tp"), [(8, 2, 1), (4, 2, 2), (2, 2, 4), (4, 1, 2)])
+def test_placement_matches_initialize_context_parallel(pools, cp, u, tp):
+    """The plan's groups are the ones the ranks build; with Megatron's placement and
+    tp * u <= devices per node, every Ulysses group sits on one node."""
+    got = pools(8).run(_my_groups, cp, u, tp)
+    want = rank_groups(8, tp, cp, u)
+    assert [(g.rank, g.ulysses_ranks, g.ring_ranks) for g in want] == [tuple(x) for x in got]
+    for dpn in (2, 4, 8):
+        nodes = node_of_rank(8, dpn, "megatron")
+        for g in want:
+            on_one_node = len({nodes[m] for m in g.ulysses_ranks}) == 1
+            assert on_one_node == (tp * u <= dpn or u == 1), (dpn, g)
+
+
+def test_round_robin_places_neighbours_on_different_nodes():
+    assert node_of_rank(8, 4, "round_robin") == [0, 1, 0, 1, 0, 1, 0, 1]
+    assert node_of_rank(8, 4, "megatron") == [0, 0, 0, 0, 1, 1, 1, 1]
+    with pytest.raises(ValueError, match="--placement must be one of"):
+        node_of_rank(8, 4, "random")
+
+
+# -- predicted bytes == counted bytes -----------------------------------------------------------
+
+BYTE_CASES = [
+    # (world, tp, u, heads, kv_heads, dtype, devices_per_node, placement)
+    (4, 1, 1, 4, None, "float32", 2, "megatron"),  # ring over 2 nodes
+    (4, 1, 2, 4, 2, "float32", 2, "megatron"),  # hybrid, GQA, Ulysses inside nodes
+    (4, 1, 2, 4, 2, "float32", 2, "round_robin"),  # the same, Ulysses across nodes
+    (4, 1, 4, 4, 2, "float32", 2, "megatron"),  # Ulysses u=4 > 2 K/V heads: replicated
+    (8, 2, 2, 8, 2, "bfloat16", 4, "megatron"),  # tp 2: 1 K/V head per tp rank, u=2; fp32 dK/dV
+    (8, 1, 2, 4, 4, "bfloat16", 2, "round_robin"),  # cp 8, hybrid 2 x 4
+    (8, 2, 1, 4, None, "float64", 2, "megatron"),  # tp 2 ring, fp64 dK/dV accumulators
+]
+
+
+@pytest.mark.parametrize("case", BYTE_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_predicted_bytes_equal_counted_bytes(pools, case):
+    world, tp, u, heads, kv_heads, dtype, dpn, placement = case
+    cp = world // tp
+    algo = ULYSSES if u == cp else (RING if u == 1 else HYBRID)
+    bench = BenchCase(
+        algo=algo, cp=cp, ulysses_degree=u if algo == HYBRID else None, seq=32, heads=heads,
+        kv_heads=kv_heads, head_dim=8, dtype=dtype, repeats=1, tp=tp, devices_per_node=dpn,
+        placement=placement,
+    )  # fmt: skip
+    ranks = pools(world).run(bench_rank, bench)
+    shape = ModelShape(heads=heads, head_dim=8, seq=32, kv_heads=kv_heads, dtype=dtype)
+    transfers = layer_transfers(shape, bench.config(), tp, world)
+    nodes = node_of_rank(world, dpn, placement)
+    both, forward = bytes_by_class(transfers, nodes), bytes_by_class(transfers, nodes, "forward")
+    crosses = False
+    for res in ranks:
+        rank = res["rank"]
+        assert res["bytes"] == counted_by_kind(transfers, rank)
+        assert res["bytes_by_link"] == both.get(rank, {})
+        assert res["forward_bytes_by_link"] == forward.get(rank, {})
+        crosses |= any("inter_node" in c for c in res["bytes_by_link"].values())
+    assert crosses  # every case puts some traffic on the slow links
+
+
+def test_plan_entry_bytes_are_the_busiest_ranks(pools):
+    """``bytes_per_rank`` of a plan entry = the per-class maximum over ranks of what they count."""
+    bench = BenchCase(algo=RING, cp=4, seq=32, heads=4, head_dim=8, repeats=1, devices_per_node=2)
+    ranks = pools(4).run(bench_rank, bench)
+    cluster = replace(PRESETS["generic-8gpu"], nodes=2, devices_per_node=2)
+    shape = ModelShape(heads=4, head_dim=8, seq=32, dtype="float32")
+    entry = plan(shape, cluster, cp=4)["configs"][0]
+    assert (entry["context_parallel_algo"], entry["ring_degree"]) == (RING, 4)
+    for cls in ("intra_node", "inter_node"):
+        counted = max(sum(k.get(cls, 0) for k in r["bytes_by_link"].values()) for r in ranks)
+        assert entry["bytes_per_rank"][cls] == counted > 0
