@@ -1,0 +1,190 @@
+"""One rank of the simulated cluster (started by ``run.sh`` inside its node's namespace).
+
+Joins the gloo group over the namespace addresses, measures what ``usp-npu plan`` needs to know
+about this machine (link bandwidth and latency per class, attention rate, memory bandwidth), then
+runs ``usp_npu.bench.bench_rank`` for every valid configuration. Rank 0 writes one JSON file.
+Every transfer is bounded in size and count; gloo's timeout bounds every wait.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from dataclasses import replace
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from usp_npu.bench import bench_rank, valid_configs
+from usp_npu.kernels import select_kernel
+from usp_npu.kernels.base import CAUSAL
+from usp_npu.plan.placement import node_of_rank
+
+
+def _timed(fn, repeats: int) -> float:
+    """Median seconds of ``fn`` over ``repeats``, the slowest rank's each time."""
+    samples = []
+    for _ in range(repeats):
+        dist.barrier()
+        t0 = time.perf_counter()
+        fn()
+        took = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+        dist.all_reduce(took, op=dist.ReduceOp.MAX)
+        samples.append(took.item())
+    return statistics.median(samples)
+
+
+def _exchange(peer_out: int, peer_in: int, nbytes: int):
+    send = torch.ones(max(1, nbytes // 4), dtype=torch.float32)
+    recv = torch.empty_like(send)
+
+    def run():
+        ops = [dist.P2POp(dist.isend, send, peer_out), dist.P2POp(dist.irecv, recv, peer_in)]
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+
+    return run
+
+
+def measure_links(nodes: list[int], nbytes: int, repeats: int) -> dict:
+    """Inter: every rank sends ``nbytes`` to the same-index rank of the next node while
+    receiving from the previous one (all at once: each node's shaped link carries
+    devices_per_node transfers). Intra: the same towards the next rank of the own node.
+    Latency: half the round trip of a 4-byte exchange."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    members = {n: [g for g in range(world) if nodes[g] == n] for n in sorted(set(nodes))}
+    mine = members[nodes[rank]]
+    local, dpn, count = mine.index(rank), len(mine), len(members)
+    out = {}
+    if count > 1:
+        nxt = members[(nodes[rank] + 1) % count][local]
+        prv = members[(nodes[rank] - 1) % count][local]
+        seconds = _timed(_exchange(nxt, prv, nbytes), repeats)
+        out["inter_node_bandwidth"] = dpn * nbytes / seconds
+        out["inter_node_latency"] = _timed(_exchange(nxt, prv, 4), 2 * repeats)
+    if dpn > 1:
+        nxt, prv = mine[(local + 1) % dpn], mine[(local - 1) % dpn]
+        seconds = _timed(_exchange(nxt, prv, nbytes), repeats)
+        out["intra_node_bandwidth"] = nbytes / seconds
+        out["intra_node_latency"] = _timed(_exchange(nxt, prv, 4), 2 * repeats)
+    return out
+
+
+def measure_compute(tokens: int, heads: int, head_dim: int, dtype: torch.dtype) -> dict:
+    """Attention FLOP/s of one causal block per rank with EVERY rank computing at once (the
+    ranks share this machine's cores as they do in the bench), the backward/forward ratio, the
+    per-call overhead (a 16-token block) and copy bandwidth."""
+    kernel = select_kernel("auto", torch.device("cpu"), dtype, False)
+    g = torch.Generator().manual_seed(dist.get_rank())
+
+    def block(n: int):
+        q, k, v = (torch.randn(n, 1, heads, head_dim, generator=g).to(dtype) for _ in range(3))
+        scale = head_dim**-0.5
+        state = {}
+
+        def fwd():
+            state["res"] = kernel.forward(q, k, v, scale=scale, mask=CAUSAL)
+
+        def bwd():
+            o, m, s, rng = state["res"]
+            kernel.backward(
+                torch.ones_like(o), q, k, v, o, m, s, scale=scale, mask=CAUSAL, rng_state=rng
+            )
+
+        return fwd, bwd
+
+    fwd, bwd = block(tokens)
+    fwd()
+    bwd()  # warm-up
+    t_fwd = _timed(fwd, 3)
+    t_bwd = _timed(bwd, 3)
+    flops = 4.0 * tokens * (tokens + 1) / 2 * heads * head_dim
+    tiny_f, _ = block(16)
+    tiny_f()
+    overhead = _timed(tiny_f, 5)
+    src = torch.ones(8 * 2**20 // 4)
+    dst = torch.empty_like(src)
+    copy = _timed(lambda: dst.copy_(src), 5)
+    return {
+        "device_flops": flops / t_fwd,
+        "backward_flops_ratio": t_bwd / t_fwd,
+        "call_overhead": overhead,
+        "memory_bandwidth": 2 * src.numel() * 4 / copy,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--nodes", type=int, required=True)
+    p.add_argument("--ranks-per-node", type=int, required=True)
+    p.add_argument("--placement", default="megatron")
+    p.add_argument("--master", required=True, help="ADDR:PORT of rank 0's store")
+    p.add_argument("--seq-length", type=int, default=4096)
+    p.add_argument("--num-attention-heads", type=int, default=8)
+    p.add_argument("--num-query-groups", type=int, default=None)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--probe-bytes", type=int, default=2 * 2**20)
+    p.add_argument("--out", required=True)
+    p.add_argument("--timeout", type=float, default=300)
+    args = p.parse_args()
+    rank, world = int(os.environ["RANK"]), args.nodes * args.ranks_per_node
+    nodes = node_of_rank(world, args.ranks_per_node, args.placement)
+    if int(os.environ["USP_NPU_NODE"]) != nodes[rank]:
+        raise SystemExit(
+            f"rank {rank} runs on node {os.environ['USP_NPU_NODE']}, not {nodes[rank]}"
+        )
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://{args.master}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=args.timeout),
+    )
+    try:
+        dtype = getattr(torch, args.dtype)
+        links = measure_links(nodes, args.probe_bytes, 3)
+        cases = valid_configs(
+            world, args.num_attention_heads, args.seq_length, args.num_query_groups
+        )
+        # calibration block: the smallest ring step of the sweep (ring degree = world)
+        compute = measure_compute(
+            max(16, args.seq_length // world), args.num_attention_heads, args.head_dim, dtype
+        )
+        rows = []
+        for case in cases:
+            case = replace(
+                case,
+                head_dim=args.head_dim,
+                dtype=args.dtype,
+                repeats=args.repeats,
+                devices_per_node=args.ranks_per_node,
+                placement=args.placement,
+            )
+            res = bench_rank(case)
+            gathered = [None] * world if rank == 0 else None
+            dist.gather_object(res, gathered, dst=0)
+            if rank == 0:
+                rows.append({"algo": case.algo, "ulysses_degree": case.config().ulysses_degree,
+                             "ring_degree": case.config().ring_degree, "ranks": gathered})  # fmt: skip
+        if rank == 0:
+            with open(args.out, "w") as f:
+                json.dump(
+                    {"args": vars(args), "world": world, "nodes_of_rank": nodes,
+                     "calibration": {**links, **compute}, "configs": rows,
+                     "loadavg": os.getloadavg()},
+                    f,
+                    indent=1,
+                )  # fmt: skip
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
