@@ -50,11 +50,21 @@ def _exchange(peer_out: int, peer_in: int, nbytes: int):
     return run
 
 
+def _bandwidth(peer_out: int, peer_in: int, nbytes: int, repeats: int, per_link: int) -> float:
+    """Bytes/s of a link from two transfer sizes (nbytes / 4 and nbytes): the slope, so TCP's
+    start-up and gloo's per-message cost stay out of the rate (they are the latency)."""
+    small, large = nbytes // 4, nbytes
+    t_small = _timed(_exchange(peer_out, peer_in, small), repeats)
+    t_large = _timed(_exchange(peer_out, peer_in, large), repeats)
+    if t_large <= t_small:  # noise swamped the difference: fall back to the plain ratio
+        return per_link * large / t_large
+    return per_link * (large - small) / (t_large - t_small)
+
+
 def measure_links(nodes: list[int], nbytes: int, repeats: int) -> dict:
-    """Inter: every rank sends ``nbytes`` to the same-index rank of the next node while
-    receiving from the previous one (all at once: each node's shaped link carries
-    devices_per_node transfers). Intra: the same towards the next rank of the own node.
-    Latency: half the round trip of a 4-byte exchange."""
+    """Inter: every rank sends to the same-index rank of the next node while receiving from the
+    previous one (all at once: each node's shaped link carries devices_per_node transfers).
+    Intra: the same towards the next rank of the own node. Latency: a 4-byte exchange."""
     rank, world = dist.get_rank(), dist.get_world_size()
     members = {n: [g for g in range(world) if nodes[g] == n] for n in sorted(set(nodes))}
     mine = members[nodes[rank]]
@@ -63,13 +73,11 @@ def measure_links(nodes: list[int], nbytes: int, repeats: int) -> dict:
     if count > 1:
         nxt = members[(nodes[rank] + 1) % count][local]
         prv = members[(nodes[rank] - 1) % count][local]
-        seconds = _timed(_exchange(nxt, prv, nbytes), repeats)
-        out["inter_node_bandwidth"] = dpn * nbytes / seconds
+        out["inter_node_bandwidth"] = _bandwidth(nxt, prv, nbytes, repeats, dpn)
         out["inter_node_latency"] = _timed(_exchange(nxt, prv, 4), 2 * repeats)
     if dpn > 1:
         nxt, prv = mine[(local + 1) % dpn], mine[(local - 1) % dpn]
-        seconds = _timed(_exchange(nxt, prv, nbytes), repeats)
-        out["intra_node_bandwidth"] = nbytes / seconds
+        out["intra_node_bandwidth"] = _bandwidth(nxt, prv, nbytes, repeats, 1)
         out["intra_node_latency"] = _timed(_exchange(nxt, prv, 4), 2 * repeats)
     return out
 
@@ -129,7 +137,7 @@ def main() -> None:
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--repeats", type=int, default=1)
-    p.add_argument("--probe-bytes", type=int, default=2 * 2**20)
+    p.add_argument("--probe-bytes", type=int, default=4 * 2**20)
     p.add_argument("--out", required=True)
     p.add_argument("--timeout", type=float, default=300)
     args = p.parse_args()
