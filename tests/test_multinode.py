@@ -55,7 +55,8 @@ def test_two_nodes_one_rank_each(tmp_path):
     assert run["nodes_of_rank"] == [0, 1]
     assert [c["algo"] for c in run["configs"]] == ["megatron_cp_algo", "ulysses_cp_algo"]
     cal = run["calibration"]
-    assert cal["inter_node_bandwidth"] > 0 and cal["device_flops"] > 0
+    assert cal["inter_node_bandwidth"] > 0
+    assert all(c["calibration"]["device_flops"] > 0 for c in run["configs"])
     assert "intra_node_bandwidth" not in cal  # one rank per node: no intra-node link
     for row in json.loads((tmp_path / "summary.json").read_text()):
         assert row["counted_bytes"] == row["predicted_bytes"]

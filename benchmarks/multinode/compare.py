@@ -17,8 +17,9 @@ from usp_npu.config import HYBRID, ContextParallelConfig
 from usp_npu.plan import Cluster, ModelShape, evaluate
 
 
-def cluster_from(run: dict) -> Cluster:
-    a, cal = run["args"], run["calibration"]
+def cluster_from(run: dict, config: dict) -> Cluster:
+    """The run's links and the attention rate measured right before ``config``."""
+    a, cal = run["args"], {**run["calibration"], **config["calibration"]}
     copy_bw = cal["memory_bandwidth"]
     return Cluster(
         name="this machine, namespaces",
@@ -43,9 +44,9 @@ def rows_of(run: dict) -> list[dict]:
         heads=a["num_attention_heads"], head_dim=a["head_dim"], seq=a["seq_length"],
         kv_heads=a["num_query_groups"], dtype=a["dtype"],
     )  # fmt: skip
-    cluster = cluster_from(run)
     rows = []
     for c in run["configs"]:
+        cluster = cluster_from(run, c)
         cfg = ContextParallelConfig(
             run["world"], c["algo"], c["ulysses_degree"] if c["algo"] == HYBRID else None
         )
@@ -64,7 +65,7 @@ def rows_of(run: dict) -> list[dict]:
                 "exposed_comm_s": pred["exposed_comm_time_s"],
                 "counted_bytes": counted,
                 "predicted_bytes": pred["bytes_per_rank"],
-                "loadavg": run["loadavg"],
+                "loadavg": c["loadavg"],
             }
         )
     return rows

@@ -161,12 +161,14 @@ def main() -> None:
         cases = valid_configs(
             world, args.num_attention_heads, args.seq_length, args.num_query_groups
         )
-        # calibration block: the smallest ring step of the sweep (ring degree = world)
-        compute = measure_compute(
-            max(16, args.seq_length // world), args.num_attention_heads, args.head_dim, dtype
-        )
         rows = []
         for case in cases:
+            # the attention rate right before each configuration: on a shared machine the CPU
+            # share of the ranks drifts within minutes. Calibration block: the sweep's smallest
+            # ring step (ring degree = world).
+            compute = measure_compute(
+                max(16, args.seq_length // world), args.num_attention_heads, args.head_dim, dtype
+            )
             case = replace(
                 case,
                 head_dim=args.head_dim,
@@ -180,12 +182,13 @@ def main() -> None:
             dist.gather_object(res, gathered, dst=0)
             if rank == 0:
                 rows.append({"algo": case.algo, "ulysses_degree": case.config().ulysses_degree,
-                             "ring_degree": case.config().ring_degree, "ranks": gathered})  # fmt: skip
+                             "ring_degree": case.config().ring_degree, "ranks": gathered,
+                             "calibration": compute, "loadavg": os.getloadavg()})  # fmt: skip
         if rank == 0:
             with open(args.out, "w") as f:
                 json.dump(
                     {"args": vars(args), "world": world, "nodes_of_rank": nodes,
-                     "calibration": {**links, **compute}, "configs": rows,
+                     "calibration": links, "configs": rows,
                      "loadavg": os.getloadavg()},
                     f,
                     indent=1,

@@ -20,8 +20,9 @@ def _exchange(buf: torch.Tensor, group: dist.ProcessGroup, stats: CommStats | No
     dist.all_to_all_single(out, buf, group=group)
     if stats is not None:
         u = buf.shape[0]
-        me = dist.get_rank()
-        peers = [g for g in dist.get_process_group_ranks(group) if g != me]
+        me = dist.get_rank()  # peers by global rank: CommStats sorts them into link classes
+        members = dist.get_process_group_ranks(group or dist.group.WORLD)
+        peers = [g for g in members if g != me]
         stats.add("all_to_all", buf.numel() * buf.element_size() * (u - 1) // u, peers)
     return out
 
