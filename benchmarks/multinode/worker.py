@@ -25,16 +25,18 @@ from usp_npu.kernels.base import CAUSAL
 from usp_npu.plan.placement import node_of_rank
 
 
-def _timed(fn, repeats: int) -> float:
-    """Median seconds of ``fn`` over ``repeats``, the slowest rank's each time."""
+def _timed(fn, repeats: int, slowest: bool = True) -> float:
+    """Median seconds of ``fn`` over ``repeats``: the slowest rank's each time (a transfer is
+    done when both ends are), or the ranks' mean (compute: one rank's scheduling hiccup is not
+    the machine's rate)."""
     samples = []
     for _ in range(repeats):
         dist.barrier()
         t0 = time.perf_counter()
         fn()
         took = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
-        dist.all_reduce(took, op=dist.ReduceOp.MAX)
-        samples.append(took.item())
+        dist.all_reduce(took, op=dist.ReduceOp.MAX if slowest else dist.ReduceOp.SUM)
+        samples.append(took.item() / (1 if slowest else dist.get_world_size()))
     return statistics.median(samples)
 
 
@@ -108,15 +110,15 @@ def measure_compute(tokens: int, heads: int, head_dim: int, dtype: torch.dtype) 
     fwd, bwd = block(tokens)
     fwd()
     bwd()  # warm-up
-    t_fwd = _timed(fwd, 3)
-    t_bwd = _timed(bwd, 3)
+    t_fwd = _timed(fwd, 5, slowest=False)
+    t_bwd = _timed(bwd, 5, slowest=False)
     flops = 4.0 * tokens * (tokens + 1) / 2 * heads * head_dim
     tiny_f, _ = block(16)
     tiny_f()
-    overhead = _timed(tiny_f, 5)
+    overhead = _timed(tiny_f, 5, slowest=False)
     src = torch.ones(8 * 2**20 // 4)
     dst = torch.empty_like(src)
-    copy = _timed(lambda: dst.copy_(src), 5)
+    copy = _timed(lambda: dst.copy_(src), 5, slowest=False)
     return {
         "device_flops": flops / t_fwd,
         "backward_flops_ratio": t_bwd / t_fwd,
