@@ -10,6 +10,7 @@ Markdown and writes ``summary.json`` beside the inputs.
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -17,9 +18,13 @@ from usp_npu.config import HYBRID, ContextParallelConfig
 from usp_npu.plan import Cluster, ModelShape, evaluate
 
 
-def cluster_from(run: dict, config: dict) -> Cluster:
-    """The run's links and the attention rate measured right before ``config``."""
-    a, cal = run["args"], {**run["calibration"], **config["calibration"]}
+def cluster_from(run: dict) -> Cluster:
+    """The run's links, and the median of the compute samples taken before each configuration:
+    every configuration does the same attention work, and on a shared machine one sample swings
+    by several times with the neighbours' load; the median is the steadier rate."""
+    samples = [c["calibration"] for c in run["configs"]]
+    compute = {k: statistics.median(s[k] for s in samples) for k in samples[0]}
+    a, cal = run["args"], {**run["calibration"], **compute}
     copy_bw = cal["memory_bandwidth"]
     return Cluster(
         name="this machine, namespaces",
@@ -44,9 +49,9 @@ def rows_of(run: dict) -> list[dict]:
         heads=a["num_attention_heads"], head_dim=a["head_dim"], seq=a["seq_length"],
         kv_heads=a["num_query_groups"], dtype=a["dtype"],
     )  # fmt: skip
+    cluster = cluster_from(run)
     rows = []
     for c in run["configs"]:
-        cluster = cluster_from(run, c)
         cfg = ContextParallelConfig(
             run["world"], c["algo"], c["ulysses_degree"] if c["algo"] == HYBRID else None
         )
