@@ -94,6 +94,9 @@ for ((n = 0; n < NODES; n++)); do
     ip link set "${PREFIX}h$n" master "$BRIDGE"
     ip link set "${PREFIX}h$n" up
     ip netns exec "$ns" ip link set lo up
+    # a ring step sends after computing: without this, TCP restarts slow-start on every step
+    # (RDMA links, which the model describes, have no such ramp); per namespace, not the host's
+    ip netns exec "$ns" sysctl -qw net.ipv4.tcp_slow_start_after_idle=0 || true
     ip netns exec "$ns" ip addr add "$SUBNET.$((n + 1))/24" dev "${PREFIX}c$n"
     ip netns exec "$ns" ip link set "${PREFIX}c$n" up
 done
