@@ -8,6 +8,7 @@ backward, with ``usp_npu.plan.traffic`` exactly.
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import replace
 
@@ -27,6 +28,8 @@ from usp_npu.plan import (
     plan,
     rank_groups,
 )
+from usp_npu.plan.model import step_pairs
+from usp_npu.plan.traffic import rank_shape
 
 CONTRACT = [
     "plan", "--preset", "atlas-800t-a2", "--nodes", "2", "--num-attention-heads", "32",
@@ -205,3 +208,53 @@ def test_plan_entry_bytes_are_the_busiest_ranks(pools):
     for cls in ("intra_node", "inter_node"):
         counted = max(sum(k.get(cls, 0) for k in r["bytes_by_link"].values()) for r in ranks)
         assert entry["bytes_per_rank"][cls] == counted > 0
+
+
+# -- packed documents (cu_seqlens) --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("cp", "u", "cu"),
+    [(4, 1, (0, 8, 32)), (4, 2, (0, 16, 32)), (4, 4, (0, 4, 12, 32)), (2, 1, (0, 4, 32))],
+)
+def test_packed_work_is_the_in_document_causal_pairs(cp, u, cu):
+    """The schedule's blocks, summed over the ring ranks, are exactly each document's causal
+    triangle: the model prices no pair across documents and misses none."""
+    shape = ModelShape(heads=4, head_dim=8, seq=32, cu_seqlens=cu)
+    algo = ULYSSES if u == cp else (RING if u == 1 else HYBRID)
+    cfg = ContextParallelConfig(cp, algo, u if algo == HYBRID else None)
+    pairs = step_pairs(shape, rank_shape(shape, cfg, 1), causal=True)
+    docs = [b - a for a, b in itertools.pairwise(cu)]
+    assert sum(p for per_rank in pairs for _, p in per_rank) == sum(n * (n + 1) / 2 for n in docs)
+    dense = step_pairs(replace(shape, cu_seqlens=None), rank_shape(shape, cfg, 1), causal=True)
+    assert sum(p for per_rank in dense for _, p in per_rank) == 32 * 33 / 2
+
+
+def test_packed_plan_rejects_with_the_split_message(capsys):
+    argv = ["plan", "--nodes", "1", "--devices-per-node", "4", "--num-attention-heads", "4"]
+    argv += ["--seq-length", "64", "--document-lengths", "58", "6", "--json"]
+    result = run_plan(argv, capsys)
+    by_u = {c["ulysses_degree"]: c for c in result["configs"]}
+    assert by_u[4]["valid"]  # Ulysses splits the whole sequence: 64 % 4 == 0
+    for u in (1, 2):  # the causal ring cuts every document into 2r chunks
+        assert not by_u[u]["valid"]
+        assert "cu_seqlens cannot be split for the causal ring" in by_u[u]["error"]
+        assert "not divisible by 2 x ring degree" in by_u[u]["error"]
+    assert result["recommended"]["ulysses_degree"] == 4
+
+
+@pytest.mark.parametrize(("u", "cu"), [(1, (0, 8, 32)), (2, (0, 16, 32))])
+def test_packed_bytes_equal_counted_bytes(pools, u, cu):
+    """Packing changes the work per step, not what travels: the bench's packed run counts the
+    model's bytes."""
+    algo = RING if u == 1 else HYBRID
+    bench = BenchCase(
+        algo=algo, cp=4, ulysses_degree=u if algo == HYBRID else None, seq=32, heads=4,
+        kv_heads=2, head_dim=8, repeats=1, devices_per_node=2, cu_seqlens=cu,
+    )  # fmt: skip
+    ranks = pools(4).run(bench_rank, bench)
+    shape = ModelShape(heads=4, head_dim=8, seq=32, kv_heads=2, dtype="float32", cu_seqlens=cu)
+    transfers = layer_transfers(shape, bench.config(), 1, 4)
+    both = bytes_by_class(transfers, node_of_rank(4, 2))
+    for res in ranks:
+        assert res["bytes_by_link"] == both[res["rank"]]

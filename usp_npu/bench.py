@@ -42,6 +42,7 @@ class BenchCase:
     tp: int = 1  # tensor-parallel size: the world is tp * cp ranks, each with heads / tp
     devices_per_node: int | None = None  # count bytes per link class with these nodes
     placement: str = "megatron"  # usp_npu.plan.placement.PLACEMENTS
+    cu_seqlens: tuple[int, ...] | None = None  # packed documents over the whole sequence
 
     def config(self) -> ContextParallelConfig:
         return ContextParallelConfig(
@@ -114,6 +115,7 @@ def bench_rank(case: BenchCase) -> dict:
             merge=ops.resolve_ring_update(None, q.device),
             stats=stats,
             blocking_comm=case.blocking,
+            cu_seqlens=case.cu_seqlens,
         )
         t1 = time.perf_counter()
         forward_bytes = dict(stats.sent)

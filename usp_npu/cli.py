@@ -176,6 +176,13 @@ def _plan_parser(sub) -> None:
     model.add_argument("--micro-batch-size", type=int, default=1)
     model.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     model.add_argument("--attention-mask-type", choices=("causal", "general"), default="causal")
+    model.add_argument(
+        "--document-lengths",
+        type=int,
+        nargs="+",
+        default=None,
+        help="packed documents: their lengths, summing to --seq-length (attention per document)",
+    )
     par = p.add_argument_group("parallelism")
     par.add_argument("--context-parallel-size", type=int, default=None, help="default: world / tp")
     par.add_argument("--tensor-model-parallel-size", type=int, default=1)
@@ -220,6 +227,17 @@ _UNITS = {
 }
 
 
+def _cumulative(lengths: list[int] | None) -> tuple[int, ...] | None:
+    if lengths is None:
+        return None
+    if any(n < 1 for n in lengths):
+        raise ValueError(f"--document-lengths must be positive, got {lengths}")
+    out = [0]
+    for n in lengths:
+        out.append(out[-1] + n)
+    return tuple(out)
+
+
 def _plan(args) -> int:
     from usp_npu.plan import ModelShape, format_plan, plan, plot_plan
 
@@ -246,6 +264,7 @@ def _plan(args) -> int:
         batch=args.micro_batch_size,
         dtype=args.dtype,
         num_layers=args.num_layers,
+        cu_seqlens=_cumulative(args.document_lengths),
     )
     placements = PLACEMENTS if args.placement == "all" else (args.placement,)
     result = plan(

@@ -80,17 +80,28 @@ def transfer_time(transfers: list[Transfer], nodes: list[int], cluster: Cluster)
     return latency + max(intra, inter)
 
 
+def step_pairs(shape: ModelShape, rs: RankShape, causal: bool) -> list[list[tuple[int, float]]]:
+    """``[ring rank][step]`` -> (query rows, query x key pairs) of that step's block, from the
+    ring's own schedule (``ring_schedule``, packed documents included; an empty step is (0, 0)).
+    Over the ring ranks the pairs add up to the attention's whole score matrix (its causal /
+    in-document part): every pair is computed once per head."""
+    out = []
+    for ring_rank in range(rs.r):
+        steps = ring_schedule(ring_rank, rs.r, rs.ring_len, causal, cu_seqlens=shape.cu_seqlens)
+        out.append([(0, 0.0) if s.empty else _pairs(s, rs.ring_len) for s in steps])
+    return out
+
+
 def _step_compute(
     shape: ModelShape, rs: RankShape, cfg: ContextParallelConfig, cluster: Cluster
 ) -> tuple[list[float], list[float]]:
     """Per ring step, forward and backward seconds of the slowest rank's block work."""
     fwd, bwd = [0.0] * rs.r, [0.0] * rs.r
     width = shape.batch * rs.ring_q_heads * shape.head_dim
-    for ring_rank in range(rs.r):
-        for t, step in enumerate(ring_schedule(ring_rank, rs.r, rs.ring_len, cfg.causal)):
-            q_rows = len(range(rs.ring_len)[step.q_rows])
-            kv_rows = len(range(rs.ring_len)[step.kv_rows])
-            pairs = q_rows * (q_rows + 1) / 2 if step.mask is CAUSAL else q_rows * kv_rows
+    for per_step in step_pairs(shape, rs, cfg.causal):
+        for t, (q_rows, pairs) in enumerate(per_step):
+            if q_rows == 0:  # a packed step that pairs no document: no kernel call
+                continue
             flops = 4.0 * pairs * width
             f = flops / cluster.device_flops + cluster.call_overhead
             if t > 0:  # fused merge: read both partial outputs, write one (fp32) + statistics
@@ -98,6 +109,25 @@ def _step_compute(
             b = cluster.backward_flops_ratio * flops / cluster.device_flops + cluster.call_overhead
             fwd[t], bwd[t] = max(fwd[t], f), max(bwd[t], b)
     return fwd, bwd
+
+
+def _block_len(rows, length: int) -> int:
+    return len(range(length)[rows]) if isinstance(rows, slice) else int(rows.numel())
+
+
+def _pairs(step, length: int) -> tuple[int, float]:
+    """(query rows, query x key pairs computed) of one ring step: per document when packed,
+    causal blocks counting their lower triangle."""
+    if step.cu_q is None:
+        spans = [(_block_len(step.q_rows, length), _block_len(step.kv_rows, length))]
+    else:
+        spans = [
+            (step.cu_q[d + 1] - step.cu_q[d], step.cu_kv[d + 1] - step.cu_kv[d])
+            for d in range(len(step.cu_q) - 1)
+        ]
+    causal = step.mask is CAUSAL
+    pairs = sum(q * (q + 1) / 2 if causal else q * kv for q, kv in spans)
+    return sum(q for q, _ in spans), pairs
 
 
 def _packing_s(shape: ModelShape, rs: RankShape, cluster: Cluster, phase: str) -> float:

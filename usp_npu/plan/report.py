@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict
 
 from usp_npu.config import HYBRID, RING, ULYSSES, ContextParallelConfig
+from usp_npu.packing import check_split, normalize_cu_seqlens
 from usp_npu.plan.cluster import Cluster
 from usp_npu.plan.model import predict
 from usp_npu.plan.placement import INTER, INTRA, LINK_CLASSES, node_of_rank
@@ -69,6 +70,14 @@ def evaluate(
             num_query_groups=shape.kv_heads,
             world_size=world,
         )
+        if shape.cu_seqlens is not None:  # the packed split's own rules (attention.py's)
+            if shape.batch != 1:
+                raise ValueError(
+                    f"packed documents need --micro-batch-size 1, got {shape.batch}: pack the "
+                    "batch into one sequence"
+                )
+            cu = normalize_cu_seqlens(list(shape.cu_seqlens), shape.seq)
+            check_split(cu, cfg.ulysses_degree, cfg.ring_degree, cfg.causal)
     except ValueError as err:
         entry.update(valid=False, error=str(err))
         return entry

@@ -37,6 +37,9 @@ class ModelShape:
     batch: int = 1
     dtype: str = "bfloat16"
     num_layers: int = 1
+    #: packed documents (cumulative lengths, leading 0, last = seq): attention stays inside each
+    #: document; the traffic is the same, the work per ring step is not
+    cu_seqlens: tuple[int, ...] | None = None
 
     @property
     def element_bytes(self) -> int:
