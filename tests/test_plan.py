@@ -170,6 +170,9 @@ BYTE_CASES = [
     (8, 1, 2, 4, 4, "bfloat16", 2, "round_robin"),  # cp 8, hybrid 2 x 4
     (8, 2, 1, 4, None, "float64", 2, "megatron"),  # tp 2 ring, fp64 dK/dV accumulators
 ]
+# KV cache policies: (world, u, policy); the ring skips (full) or halves (half) the backward's
+# K/V resend; pure Ulysses gathers the kept K/V (full) or K (half) again in the backward
+CACHE_CASES = [(4, 1, "full"), (4, 2, "half"), (4, 4, "full"), (4, 4, "half")]
 
 
 @pytest.mark.parametrize("case", BYTE_CASES, ids=lambda c: "-".join(map(str, c)))
@@ -258,3 +261,23 @@ def test_packed_bytes_equal_counted_bytes(pools, u, cu):
     both = bytes_by_class(transfers, node_of_rank(4, 2))
     for res in ranks:
         assert res["bytes_by_link"] == both[res["rank"]]
+
+
+@pytest.mark.parametrize(("world", "u", "policy"), CACHE_CASES, ids=str)
+def test_kv_cache_bytes_equal_counted_bytes(pools, world, u, policy):
+    algo = ULYSSES if u == world else (RING if u == 1 else HYBRID)
+    bench = BenchCase(
+        algo=algo, cp=world, ulysses_degree=u if algo == HYBRID else None, seq=32, heads=4,
+        kv_heads=2, head_dim=8, repeats=1, devices_per_node=2, kv_cache=policy,
+    )  # fmt: skip
+    ranks = pools(world).run(bench_rank, bench)
+    shape = ModelShape(heads=4, head_dim=8, seq=32, kv_heads=2, dtype="float32")
+    transfers = layer_transfers(shape, bench.config(), 1, world)
+    nodes = node_of_rank(world, 2)
+    plain = layer_transfers(shape, replace(bench, kv_cache=None).config(), 1, world)
+    assert sum(t.nbytes for t in transfers) != sum(t.nbytes for t in plain)
+    both, forward = bytes_by_class(transfers, nodes), bytes_by_class(transfers, nodes, "forward")
+    for res in ranks:
+        assert res["bytes"] == counted_by_kind(transfers, res["rank"])
+        assert res["bytes_by_link"] == both[res["rank"]]
+        assert res["forward_bytes_by_link"] == forward[res["rank"]]

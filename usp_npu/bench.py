@@ -43,6 +43,7 @@ class BenchCase:
     devices_per_node: int | None = None  # count bytes per link class with these nodes
     placement: str = "megatron"  # usp_npu.plan.placement.PLACEMENTS
     cu_seqlens: tuple[int, ...] | None = None  # packed documents over the whole sequence
+    kv_cache: str | None = None  # --context-parallel-kv-cache-policy: None | full | half
 
     def config(self) -> ContextParallelConfig:
         return ContextParallelConfig(
@@ -51,6 +52,7 @@ class BenchCase:
             self.ulysses_degree,
             self.mask_type,
             use_cp_send_recv_overlap=self.overlap,
+            context_parallel_kv_cache_policy=self.kv_cache,
         )
 
     @property
@@ -116,6 +118,7 @@ def bench_rank(case: BenchCase) -> dict:
             stats=stats,
             blocking_comm=case.blocking,
             cu_seqlens=case.cu_seqlens,
+            kv_cache=case.kv_cache,
         )
         t1 = time.perf_counter()
         forward_bytes = dict(stats.sent)

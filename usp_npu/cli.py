@@ -187,6 +187,12 @@ def _plan_parser(sub) -> None:
     par.add_argument("--context-parallel-size", type=int, default=None, help="default: world / tp")
     par.add_argument("--tensor-model-parallel-size", type=int, default=1)
     par.add_argument(
+        "--context-parallel-kv-cache-policy",
+        choices=("full", "half"),
+        default=None,
+        help="keep K/V (full) or K (half) for the backward instead of re-sending them",
+    )
+    par.add_argument(
         "--placement",
         choices=(*PLACEMENTS, "all"),
         default="megatron",
@@ -274,6 +280,7 @@ def _plan(args) -> int:
         tp=tp,
         placements=placements,
         mask_type=args.attention_mask_type,
+        kv_cache_policy=args.context_parallel_kv_cache_policy,
     )
     head = (
         f"usp-npu plan: {cluster.name}, {cluster.nodes} x {cluster.devices_per_node} devices, "

@@ -28,7 +28,7 @@ from usp_npu.plan.placement import INTER, INTRA, link_class
 from usp_npu.plan.traffic import ModelShape, RankShape, Transfer, rank_shape
 
 FORWARD_PHASES = ("a2a_in", "ring", "a2a_out")
-BACKWARD_PHASES = ("a2a_dout", "ring", "a2a_dqkv")
+BACKWARD_PHASES = ("a2a_dout", "a2a_restore", "ring", "a2a_dqkv")
 
 
 @dataclass
@@ -134,7 +134,8 @@ def _packing_s(shape: ModelShape, rs: RankShape, cluster: Cluster, phase: str) -
     """The all-to-all's pack and unpack copies (read + write, both sides) of this rank."""
     if rs.u == 1:
         return 0.0
-    heads = rs.q_heads + (2 * rs.kv_heads if phase in ("a2a_in", "a2a_dqkv") else 0)
+    heads = {"a2a_in": rs.q_heads + 2 * rs.kv_heads, "a2a_dqkv": rs.q_heads + 2 * rs.kv_heads,
+             "a2a_restore": 2 * rs.kv_heads}.get(phase, rs.q_heads)  # fmt: skip
     nbytes = rs.local * shape.batch * heads * shape.head_dim * shape.element_bytes
     return 4 * nbytes / cluster.memory_bandwidth
 
@@ -189,7 +190,7 @@ def predict(
                          "comm_s": comm}
                     )  # fmt: skip
                 continue
-            if rs.u == 1:
+            if not by_phase.get((direction, phase, 0)):  # no all-to-all in this phase
                 continue
             work = _packing_s(shape, rs, cluster, phase)
             comm = transfer_time(by_phase[direction, phase, 0], nodes, cluster)

@@ -16,8 +16,11 @@ from usp_npu.plan.placement import INTER, INTRA, LINK_CLASSES, node_of_rank
 from usp_npu.plan.traffic import ModelShape, bytes_by_class, layer_transfers
 
 
-def candidate_configs(cp: int, mask_type: str = "causal") -> list[ContextParallelConfig]:
-    """Ring (u = 1), every hybrid 1 < u < cp, and Ulysses (u = cp), in that order."""
+def candidate_configs(
+    cp: int, mask_type: str = "causal", kv_cache_policy: str | None = None
+) -> list[ContextParallelConfig]:
+    """Ring (u = 1), every hybrid 1 < u < cp, and Ulysses (u = cp), in that order, each with
+    the same KV cache policy."""
     out = []
     for u in (d for d in range(1, cp + 1) if cp % d == 0):
         algo = ULYSSES if u == cp else (RING if u == 1 else HYBRID)
@@ -27,6 +30,7 @@ def candidate_configs(cp: int, mask_type: str = "causal") -> list[ContextParalle
                 context_parallel_algo=algo,
                 ulysses_degree_in_cp=u if algo == HYBRID else None,
                 attention_mask_type=mask_type,
+                context_parallel_kv_cache_policy=kv_cache_policy,
             )
         )
     return out
@@ -37,6 +41,8 @@ def _flags(cfg: ContextParallelConfig) -> str:
     flags += f"--context-parallel-algo {cfg.context_parallel_algo}"
     if cfg.context_parallel_algo == HYBRID:
         flags += f" --ulysses-degree-in-cp {cfg.ulysses_degree_in_cp}"
+    if cfg.context_parallel_kv_cache_policy:
+        flags += f" --context-parallel-kv-cache-policy {cfg.context_parallel_kv_cache_policy}"
     return flags
 
 
@@ -142,6 +148,7 @@ def plan(
     tp: int = 1,
     placements: tuple[str, ...] = ("megatron",),
     mask_type: str = "causal",
+    kv_cache_policy: str | None = None,
 ) -> dict:
     """The whole plan: ``{"model", "cluster", "configs", "recommended", "reason"}``.
 
@@ -153,7 +160,7 @@ def plan(
     configs = [
         evaluate(shape, cfg, cluster, tp, placement)
         for placement in placements
-        for cfg in candidate_configs(cp, mask_type)
+        for cfg in candidate_configs(cp, mask_type, kv_cache_policy)
     ]
     valid = [c for c in configs if c["valid"]]
     pool = [c for c in valid if c["fits_in_memory"]] or valid

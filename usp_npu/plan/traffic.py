@@ -61,6 +61,7 @@ class RankShape:
     kv_heads: int
     u: int
     r: int
+    kv_cache: str | None = None  # this layer's KV cache policy (None | full | half)
 
     @property
     def ring_len(self) -> int:  # tokens per ring rank
@@ -81,7 +82,7 @@ def rank_shape(shape: ModelShape, cfg: ContextParallelConfig, tp: int) -> RankSh
     kv = (shape.kv_heads or shape.heads) // tp
     if u > 1 and kv % u:  # comm/all_to_all.replicate_kv_heads: one copy per Ulysses rank
         kv = u
-    return RankShape(shape.seq // cp, q, kv, u, cfg.ring_degree)
+    return RankShape(shape.seq // cp, q, kv, u, cfg.ring_degree, cfg.kv_cache_policy(None))
 
 
 @dataclass(frozen=True)
@@ -99,17 +100,22 @@ Contribution = Callable[[ModelShape, RankShape, RankGroups], list[Transfer]]
 
 
 def ulysses_transfers(shape: ModelShape, rs: RankShape, g: RankGroups) -> list[Transfer]:
-    """q, k, v packed in one all-to-all, the output in another; the backward mirrors both."""
+    """q, k, v in the forward's first all-to-all(s), the output in another; the backward mirrors
+    both. With a KV cache policy and no ring (``kv_cache.py``) the forward keeps the local K/V
+    (``full``) or K (``half``) and the backward gathers them again (``a2a_restore``)."""
     if rs.u == 1:
         return []
     token = shape.batch * shape.head_dim * shape.element_bytes * rs.local
     qkv, out = (rs.q_heads + 2 * rs.kv_heads) * token, rs.q_heads * token
-    phases = (
+    phases = [
         ("forward", "a2a_in", qkv),
         ("forward", "a2a_out", out),
         ("backward", "a2a_dout", out),
         ("backward", "a2a_dqkv", qkv),
-    )
+    ]
+    resend = {"full": 2, "half": 1}.get(rs.kv_cache, 0) if rs.r == 1 else 0
+    if resend:
+        phases.append(("backward", "a2a_restore", resend * rs.kv_heads * token))
     return [
         Transfer("all_to_all", direction, phase, 0, g.rank, peer, buffer // rs.u)
         for direction, phase, buffer in phases
@@ -127,10 +133,13 @@ def ring_transfers(shape: ModelShape, rs: RankShape, g: RankGroups) -> list[Tran
     nxt = g.ring_ranks[(g.ring_rank + 1) % r]
     block = 2 * rs.ring_len * shape.batch * rs.ring_kv_heads * shape.head_dim  # stacked k, v
     kv, dkv = block * shape.element_bytes, block * shape.accumulator_bytes
+    # KV cache policy: the backward re-sends everything (None), V only (half) or nothing (full)
+    again = {None: kv, "half": kv // 2, "full": 0}[rs.kv_cache]
     out = []
     for t in range(r - 1):
         out.append(Transfer("ring_kv", "forward", "ring", t, g.rank, nxt, kv))
-        out.append(Transfer("ring_kv", "backward", "ring", t, g.rank, nxt, kv))
+        if again:
+            out.append(Transfer("ring_kv", "backward", "ring", t, g.rank, nxt, again))
     for t in range(1, r):  # sent after step t's gradients, waited during step t + 1
         out.append(Transfer("ring_dkv", "backward", "ring", t + 1, g.rank, nxt, dkv))
     return out
