@@ -281,3 +281,35 @@ def test_kv_cache_bytes_equal_counted_bytes(pools, world, u, policy):
         assert res["bytes"] == counted_by_kind(transfers, res["rank"])
         assert res["bytes_by_link"] == both[res["rank"]]
         assert res["forward_bytes_by_link"] == forward[res["rank"]]
+
+
+@pytest.mark.parametrize(
+    ("cp", "u", "tp", "heads", "kv", "dtype", "policy"),
+    [
+        (8, 1, 1, 8, 2, "bfloat16", None), (8, 2, 1, 8, 2, "float32", None),
+        (8, 8, 1, 8, 2, "float32", None), (4, 2, 2, 8, 4, "float64", None),
+        (4, 1, 1, 4, 4, "float32", "half"), (4, 4, 1, 8, 2, "bfloat16", "full"),
+        (8, 2, 1, 8, 8, "float32", "full"),
+    ],
+)  # fmt: skip
+def test_per_peer_traffic_agrees_with_the_volume_model(cp, u, tp, heads, kv, dtype, policy):
+    """``usp_npu.comm.volume.expected_bytes`` (per kind, per rank) and the plan's per-peer
+    transfers describe the same traffic: every rank's totals per kind and direction agree."""
+    from usp_npu.comm.volume import expected_bytes
+
+    algo = ULYSSES if u == cp else (RING if u == 1 else HYBRID)
+    cfg = ContextParallelConfig(
+        cp, algo, u if algo == HYBRID else None, context_parallel_kv_cache_policy=policy
+    )
+    shape = ModelShape(heads=heads, head_dim=16, seq=64, kv_heads=kv, dtype=dtype)
+    transfers = layer_transfers(shape, cfg, tp, tp * cp)
+    want_fwd, want_bwd = expected_bytes(
+        cfg, 64, 1, heads // tp, kv // tp, 16, shape.element_bytes, shape.accumulator_bytes
+    )
+    for rank in range(tp * cp):
+        for direction, want in (("forward", want_fwd), ("backward", want_bwd)):
+            got: dict[str, int] = {}
+            for t in transfers:
+                if t.src == rank and t.direction == direction:
+                    got[t.kind] = got.get(t.kind, 0) + t.nbytes
+            assert got == want, (rank, direction)
