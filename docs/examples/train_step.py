@@ -79,19 +79,26 @@ def cp_train_step(model, ids, labels, pos, mesh) -> torch.Tensor:
     return loss
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    """Parse ``argv``, run one step with CP and one without; returns both losses, gradient gap.
+
+    Under torchrun it creates the gloo group itself; in a process that already has one (the
+    test's rank pool) it uses that group and leaves it alive.
+    """
     parser = usp_npu.add_context_parallel_args(argparse.ArgumentParser())
     parser.add_argument("--seq-length", type=int, default=64)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    owns_group = not dist.is_initialized()
 
     cfg = usp_npu.ContextParallelConfig.from_args(args)
     cfg.validate(  # raises ValueError naming the flag to change, before any communication
         num_attention_heads=HEADS,
         seq_length=args.seq_length,
         num_query_groups=KV_HEADS,
-        world_size=int(os.environ["WORLD_SIZE"]),
+        world_size=int(os.environ["WORLD_SIZE"]) if owns_group else dist.get_world_size(),
     )
-    dist.init_process_group("gloo")
+    if owns_group:
+        dist.init_process_group("gloo")
     mesh = usp_npu.initialize_context_parallel(cfg, tensor_model_parallel_size=1)
 
     torch.manual_seed(0)  # same weights and data on every rank
@@ -118,7 +125,9 @@ def main() -> None:
         print(f"loss {loss.item():.10f}  single process {ref_loss.item():.10f}")
         print(f"largest gradient difference {grad_err:.2e}")
     usp_npu.destroy_context_parallel()
-    dist.destroy_process_group()
+    if owns_group:
+        dist.destroy_process_group()
+    return {"loss": loss.item(), "reference_loss": ref_loss.item(), "gradient_error": grad_err}
 
 
 if __name__ == "__main__":

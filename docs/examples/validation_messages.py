@@ -1,7 +1,7 @@
 """Every ContextParallelConfig validation rule, with the message the code gives for it today.
 
 ``python docs/examples/validation_messages.py`` prints the tables. ``docs/conf.py`` runs
-:func:`write_tables` at every build and the flags page (and the Chinese page) include the result,
+:func:`write_tables` at every build and the flags page includes the result (translated through the catalogue),
 so the documented messages and flag names are always those of ``usp_npu/config.py``. If a case
 below is no longer rejected the build stops: the rule changed and this list must follow.
 """
@@ -31,7 +31,6 @@ class Rule:
     number: str
     rule: str
     problems: Callable[[], list[str]]
-    zh: str = ""  # cause and fix in Chinese, for the rules the zh_CN page lists
 
 
 HYB = "hybrid_cp_algo"
@@ -46,25 +45,21 @@ RULES = [
         "Ulysses and ring: `--ulysses-degree-in-cp`, if given, equals the fixed degree "
         "(`cp`, resp. 1)",
         lambda: validate(C(8, RING, 2)),
-        "非 hybrid 算法不要给 `--ulysses-degree-in-cp`",
     ),
     Rule(
         "6",
         "hybrid: `u` is given",
         lambda: validate(C(8, HYB)),
-        "hybrid 必须给出 `--ulysses-degree-in-cp`，取 `cp` 的真因子",
     ),
     Rule(
         "7",
         "hybrid: `u >= 1` and `cp % u == 0`",
         lambda: validate(C(8, HYB, 3)),
-        "`u` 必须整除 `cp`",
     ),
     Rule(
         "8",
         "hybrid: `u < cp` (`u == cp` is plain Ulysses)",
         lambda: validate(C(8, HYB, 8)),
-        "`u = cp` 就是纯 Ulysses：改用 `ulysses_cp_algo`，或减小 `u`",
     ),
     Rule(
         "9",
@@ -75,13 +70,11 @@ RULES = [
         "10",
         "world size divisible by `tp x cp x pp`",
         lambda: validate(C(8, HYB, 2), 32, 131072, world_size=12),
-        "总卡数须能被 `tp x cp x pp` 整除",
     ),
     Rule(
         "11",
         "Ulysses: query heads divisible by `cp x tp`",
         lambda: validate(C(8), 12),
-        "Ulysses 每个 rank 要拿到整数个头：减小 `cp`，或改用 `megatron_cp_algo` / `hybrid_cp_algo`",
     ),
     Rule("11", "hybrid: query heads divisible by `u x tp`", lambda: validate(C(8, HYB, 4), 6)),
     Rule(
@@ -93,7 +86,6 @@ RULES = [
         "12",
         "K/V heads (`num_query_groups`) >= 1 and divide the query heads",
         lambda: validate(C(4), 32, num_query_groups=6),
-        "KV 头数须整除查询头数",
     ),
     Rule(
         "13",
@@ -114,7 +106,6 @@ RULES = [
         "16",
         "`u > 1`: K/V heads per TP rank divide `u` or are divisible by it",
         lambda: validate(C(8, HYB, 4), 24, num_query_groups=6),
-        "调整 `--num-query-groups` 或 `u`",
     ),
     Rule("17", "sequence length >= 1", lambda: validate(C(4), seq=0)),
     Rule(
@@ -137,7 +128,6 @@ RULES = [
         "hybrid, causal: `seq % (r x lcm(2, u)) == 0`, i.e. `seq % 2r == 0` and "
         "`(seq / r) % u == 0`",
         lambda: validate(C(8, HYB, 2), 32, 131076),
-        "序列长度不满足切分要求，改为提示的最近合法值",
     ),
     Rule(
         "21",
@@ -217,12 +207,6 @@ def english_table() -> str:
     return "\n".join(lines) + "\n"
 
 
-def chinese_table() -> str:
-    lines = ["| 错误消息 | 原因与修复 |", "|---|---|"]
-    lines += [f"| {_code(_message(r))} | {r.zh} |" for r in RULES if r.zh]
-    return "\n".join(lines) + "\n"
-
-
 def several_problems() -> str:
     cfg = C(8, HYB, 2)
     try:
@@ -237,7 +221,6 @@ def write_tables(out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     pieces = {
         "validation_rules.md": english_table(),
-        "validation_rules_zh.md": chinese_table(),
         "validation_several.md": several_problems(),
     }
     for name, text in pieces.items():
@@ -247,4 +230,4 @@ def write_tables(out_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    sys.stdout.write(english_table() + "\n" + chinese_table() + "\n" + several_problems())
+    sys.stdout.write(english_table() + "\n" + several_problems())
