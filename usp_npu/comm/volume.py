@@ -1,16 +1,20 @@
 """The communication model: bytes each rank sends, per kind of traffic, forward and backward.
 
 The same kinds :class:`~usp_npu.comm.stats.CommStats` counts, so a measurement can be checked
-against this model exactly (tests) and tables can show both (benchmarks). REFERENCE.md section 7
-gives the plain algorithms; here also the double ring (inner / outer links), the KV cache
-policies, kvallgather and the Ulysses all-gather of K/V.
+against this model exactly (tests) and tables can show both (benchmarks). The formulas live in
+one place, ``usp_npu.plan.traffic`` (per rank, per peer, per ring step: the plain ring, the
+double ring's inner / outer links, the KV cache policies, kvallgather and the Ulysses
+all-gather of K/V); this module sums one rank's transfers by kind and direction.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 
-from usp_npu.config import KVALLGATHER, ContextParallelConfig
+from usp_npu.config import ContextParallelConfig
+
+#: bytes of one element -> the dtype ``plan.traffic.ModelShape`` prices
+_DTYPE_OF_SIZE = {8: "float64", 4: "float32", 2: "bfloat16"}
 
 
 def expected_bytes(
@@ -29,49 +33,34 @@ def expected_bytes(
     ``heads`` / ``kv_heads``: this tensor-parallel rank's query / K/V heads; ``element_size``:
     bytes of one q/k/v element; ``accumulator_size``: bytes of one dK/dV accumulator element (4,
     or 8 for float64 inputs). ``layer_number`` picks the KV cache policy for the interval rule.
+    Every rank of the context-parallel group sends the same, so rank 0's transfers stand for all.
     """
-    u, r, cp = cfg.ulysses_degree, cfg.ring_degree, cfg.context_parallel_size
-    policy = cfg.kv_cache_policy(layer_number)
-    local = seq // cp  # tokens per CP rank before the all-to-all
-    row = batch * head_dim * element_size  # one token of one head
+    from usp_npu.plan.placement import rank_groups
+    from usp_npu.plan.traffic import ModelShape, rank_shape, rank_transfers
+
+    if element_size not in _DTYPE_OF_SIZE:
+        raise ValueError(
+            f"element_size must be one of {sorted(_DTYPE_OF_SIZE)}, got {element_size}"
+        )
+    shape = ModelShape(
+        heads=heads,
+        head_dim=head_dim,
+        seq=seq,
+        kv_heads=kv_heads,
+        batch=batch,
+        dtype=_DTYPE_OF_SIZE[element_size],
+    )
+    if accumulator_size != shape.accumulator_bytes:  # fp32 accumulators unless fp64 inputs
+        raise ValueError(
+            f"accumulator_size {accumulator_size} does not match element_size {element_size} "
+            f"(the kernels accumulate dK/dV in {shape.accumulator_bytes}-byte elements)"
+        )
+    cp = cfg.context_parallel_size
+    groups = rank_groups(cp, 1, cp, cfg.ulysses_degree)[0]
     fwd: Counter = Counter()
     bwd: Counter = Counter()
-    ring_kv_heads = kv_heads
-    if u > 1:
-        a2a = (u - 1) * local * row // u  # per head of every all-to-all'd tensor
-        if cfg.use_ulysses_allgather_kv:
-            gather = (u - 1) * local * row * kv_heads  # one of K, V
-            fwd["all_to_all"] += 2 * heads * a2a  # q in, output back
-            fwd["all_gather"] += 2 * gather
-            bwd["all_to_all"] += 2 * heads * a2a
-            bwd["reduce_scatter"] += 2 * gather
-            resend = {"full": 2, "half": 1}.get(policy, 0) if r == 1 else 0
-            bwd["all_gather"] += resend * gather
-        else:
-            replicated = kv_heads if kv_heads % u == 0 else u
-            fwd["all_to_all"] += (2 * heads + 2 * replicated) * a2a
-            bwd["all_to_all"] += (2 * heads + 2 * replicated) * a2a
-            resend = {"full": 2, "half": 1}.get(policy, 0) if r == 1 else 0
-            bwd["all_to_all"] += resend * replicated * a2a
-            ring_kv_heads = replicated // u
-    if r > 1:
-        ring_len = seq // r
-        block = 2 * ring_len * batch * ring_kv_heads * head_dim  # K and V elements
-        kv, dkv = block * element_size, block * accumulator_size
-        again = {None: 1.0, "full": 0.0, "half": 0.5}[policy]
-        if cfg.context_parallel_algo == KVALLGATHER:
-            fwd["all_gather"] += (r - 1) * kv
-            bwd["reduce_scatter"] += (r - 1) * dkv
-        elif cfg.cp_window_size > 1:
-            w = cfg.cp_window_size
-            for link, hops in (("inner", r - r // w), ("outer", r // w - 1)):
-                fwd[f"ring_{link}_kv"] += hops * kv
-                bwd[f"ring_{link}_kv"] += int(hops * kv * again)
-                bwd[f"ring_{link}_dkv"] += hops * dkv
-        else:
-            fwd["ring_kv"] += (r - 1) * kv
-            bwd["ring_kv"] += int((r - 1) * kv * again)
-            bwd["ring_dkv"] += (r - 1) * dkv
+    for t in rank_transfers(shape, rank_shape(shape, cfg, 1, layer_number), groups):
+        (fwd if t.direction == "forward" else bwd)[t.kind] += t.nbytes
     return (
         {k: n for k, n in fwd.items() if n},
         {k: n for k, n in bwd.items() if n},
