@@ -44,6 +44,10 @@ class BenchCase:
     placement: str = "megatron"  # usp_npu.plan.placement.PLACEMENTS
     cu_seqlens: tuple[int, ...] | None = None  # packed documents over the whole sequence
     kv_cache: str | None = None  # --context-parallel-kv-cache-policy: None | full | half
+    cache_interval: int = 0  # --context-parallel-cache-interval
+    layer_number: int | None = None  # the layer this call stands for (picks the cache policy)
+    window: int = 1  # --cp-window-size (double ring when > 1)
+    allgather_kv: bool = False  # --use-ulysses-allgather-kv
 
     def config(self) -> ContextParallelConfig:
         return ContextParallelConfig(
@@ -53,12 +57,18 @@ class BenchCase:
             self.mask_type,
             use_cp_send_recv_overlap=self.overlap,
             context_parallel_kv_cache_policy=self.kv_cache,
+            context_parallel_cache_interval=self.cache_interval,
+            cp_window_size=self.window,
+            use_ulysses_allgather_kv=self.allgather_kv,
         )
 
     @property
     def label(self) -> str:
         cfg = self.config()
-        return f"{self.algo} u={cfg.ulysses_degree} r={cfg.ring_degree}"
+        label = f"{self.algo} u={cfg.ulysses_degree} r={cfg.ring_degree}"
+        if self.window > 1:
+            label += f" w={self.window}"
+        return label + (" allgather-kv" if self.allgather_kv else "")
 
     @property
     def world_size(self) -> int:
@@ -118,7 +128,7 @@ def bench_rank(case: BenchCase) -> dict:
             stats=stats,
             blocking_comm=case.blocking,
             cu_seqlens=case.cu_seqlens,
-            kv_cache=case.kv_cache,
+            kv_cache=mesh.config.kv_cache_policy(case.layer_number),
         )
         t1 = time.perf_counter()
         forward_bytes = dict(stats.sent)

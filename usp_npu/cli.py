@@ -193,6 +193,19 @@ def _plan_parser(sub) -> None:
         help="keep K/V (full) or K (half) for the backward instead of re-sending them",
     )
     par.add_argument(
+        "--context-parallel-cache-interval",
+        type=int,
+        default=0,
+        help="with a KV cache policy: cache only layers n with n %% (interval + 1) == 1",
+    )
+    par.add_argument(
+        "--cp-window-size",
+        type=int,
+        nargs="+",
+        default=None,
+        help="double-ring windows to try on every ring degree (default: every valid one)",
+    )
+    par.add_argument(
         "--placement",
         choices=(*PLACEMENTS, "all"),
         default="megatron",
@@ -281,6 +294,8 @@ def _plan(args) -> int:
         placements=placements,
         mask_type=args.attention_mask_type,
         kv_cache_policy=args.context_parallel_kv_cache_policy,
+        windows=None if args.cp_window_size is None else tuple(args.cp_window_size),
+        cache_interval=args.context_parallel_cache_interval,
     )
     head = (
         f"usp-npu plan: {cluster.name}, {cluster.nodes} x {cluster.devices_per_node} devices, "

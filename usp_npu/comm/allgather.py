@@ -2,8 +2,10 @@
 
 Tensors are ``[L, ...]`` shards in the canonical sequence-first layout; the group's shards are
 stacked in group order, so ``[n, L, ...]`` (or, flattened, ``[n * L, ...]``) is the gathered
-sequence in the same order the Ulysses all-to-all gathers it. Bytes are counted as a ring
-all-gather / reduce-scatter moves them: ``(n - 1)`` shards sent per rank.
+sequence in the same order the Ulysses all-to-all gathers it. Bytes are counted as ``(n - 1)``
+shards sent per rank, one to each peer (the all-to-all's convention), so ``CommStats`` can sort
+them into link classes; a backend that runs the collective as a ring moves the same bytes per
+rank, over other links.
 """
 
 from __future__ import annotations
@@ -18,6 +20,12 @@ _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_sc
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
+def _peers(group: dist.ProcessGroup) -> list[int]:
+    """The group's other members, by global rank (``CommStats`` sorts them into link classes)."""
+    me = dist.get_rank()
+    return [g for g in dist.get_process_group_ranks(group or dist.group.WORLD) if g != me]
+
+
 def all_gather_blocks(
     x: torch.Tensor, group: dist.ProcessGroup, stats: CommStats | None = None
 ) -> torch.Tensor:
@@ -28,7 +36,7 @@ def all_gather_blocks(
     _all_gather(out, x, group=group)  # the flat form: gloo checks dim 0 = n * x.shape[0]
     out = out.unflatten(0, (n, x.shape[0]))
     if stats is not None:
-        stats.add("all_gather", x.numel() * x.element_size() * (n - 1))
+        stats.add("all_gather", x.numel() * x.element_size() * (n - 1), _peers(group))
     return out
 
 
@@ -41,7 +49,7 @@ def reduce_scatter_blocks(
     out = torch.empty(x.shape[1:], dtype=x.dtype, device=x.device)
     _reduce_scatter(out, x.flatten(0, 1), group=group)
     if stats is not None:
-        stats.add("reduce_scatter", out.numel() * out.element_size() * (n - 1))
+        stats.add("reduce_scatter", out.numel() * out.element_size() * (n - 1), _peers(group))
     return out
 
 

@@ -8,10 +8,17 @@ The layer runs as a sequence of phases that every rank enters together (``traffi
 - ring step ``t`` costs ``max(compute_t, transfer_t)``: the block kernel of step ``t`` (its
   FLOPs from ``ring_schedule`` at the device rate, plus a per-call overhead and, forward, the
   fused merge at memory bandwidth) runs while the next K/V block (and, backward, the previous
-  dK/dV accumulator) travels. The backward's last dK/dV hop has nothing to hide behind.
+  dK/dV accumulator) travels. The backward's last dK/dV hop has nothing to hide behind. A
+  transfer that may span several steps (the double ring's outer hop, posted at a round's start
+  and needed at the next round's) only delays the ring when it outlasts the steps it spans;
+  the double ring's steps compute in ``routes.double_ring_order``;
+- kvallgather's all-gather / reduce-scatter and the Ulysses all-gather of K/V are exposed like
+  the all-to-alls.
 
 Memory: what the ring keeps for the backward (q, k, v after the all-to-all, the output, the
-softmax statistics) plus the peak of the transient buffers (all-to-all send + receive, the
+softmax statistics; the received K/V blocks under a ring KV cache policy, the gathered K/V of
+kvallgather and of the Ulysses all-gather, the local K/V instead of the exchanged ones under a
+Ulysses KV cache policy) plus the peak of the transient buffers (all-to-all send + receive, the
 double-buffered K/V, dK/dV accumulators).
 """
 
@@ -20,15 +27,16 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from usp_npu.algorithms.routes import double_ring_order
 from usp_npu.algorithms.schedule import ring_schedule
 from usp_npu.config import ContextParallelConfig
 from usp_npu.kernels.base import CAUSAL
 from usp_npu.plan.cluster import Cluster
 from usp_npu.plan.placement import INTER, INTRA, link_class
-from usp_npu.plan.traffic import ModelShape, RankShape, Transfer, rank_shape
+from usp_npu.plan.traffic import RESEND, ModelShape, RankShape, Transfer, rank_shape
 
-FORWARD_PHASES = ("a2a_in", "ring", "a2a_out")
-BACKWARD_PHASES = ("a2a_dout", "a2a_restore", "ring", "a2a_dqkv")
+FORWARD_PHASES = ("a2a_in", "ag_kv", "kv_gather", "ring", "a2a_out")
+BACKWARD_PHASES = ("a2a_dout", "a2a_restore", "ring", "kv_reduce_scatter", "rs_dkv", "a2a_dqkv")
 
 
 @dataclass
@@ -88,6 +96,9 @@ def step_pairs(shape: ModelShape, rs: RankShape, causal: bool) -> list[list[tupl
     out = []
     for ring_rank in range(rs.r):
         steps = ring_schedule(ring_rank, rs.r, rs.ring_len, causal, cu_seqlens=shape.cu_seqlens)
+        if rs.window > 1 and not rs.kvallgather:  # the double ring visits sources in its order
+            by_source = {s.source: s for s in steps}
+            steps = [by_source[src] for src in double_ring_order(ring_rank, rs.r, rs.window)]
         out.append([(0, 0.0) if s.empty else _pairs(s, rs.ring_len) for s in steps])
     return out
 
@@ -134,26 +145,90 @@ def _packing_s(shape: ModelShape, rs: RankShape, cluster: Cluster, phase: str) -
     """The all-to-all's pack and unpack copies (read + write, both sides) of this rank."""
     if rs.u == 1:
         return 0.0
-    heads = {"a2a_in": rs.q_heads + 2 * rs.kv_heads, "a2a_dqkv": rs.q_heads + 2 * rs.kv_heads,
-             "a2a_restore": 2 * rs.kv_heads}.get(phase, rs.q_heads)  # fmt: skip
+    qkv = rs.q_heads + (0 if rs.allgather_kv else 2 * rs.kv_heads)
+    heads = {"a2a_in": qkv, "a2a_dqkv": qkv, "a2a_restore": 2 * rs.kv_heads,
+             "ag_kv": 2 * rs.kv_heads * rs.u, "rs_dkv": 2 * rs.kv_heads * rs.u,
+             "kv_gather": 0, "kv_reduce_scatter": 0}.get(phase, rs.q_heads)  # fmt: skip
     nbytes = rs.local * shape.batch * heads * shape.head_dim * shape.element_bytes
     return 4 * nbytes / cluster.memory_bandwidth
 
 
 def _memory(shape: ModelShape, rs: RankShape, cluster: Cluster) -> tuple[int, int]:
+    """(bytes held for the backward, peak transient bytes) of one layer on one rank."""
     e, acc = shape.element_bytes, shape.accumulator_bytes
     token = rs.local * shape.batch * shape.head_dim
-    qkv = (rs.q_heads + 2 * rs.kv_heads) * token * e
+    # K/V the attention uses, one of K or V: the exchanged heads (replicated up to u), or with
+    # the Ulysses all-gather every K/V head of the u ranks' tokens
+    kv_used = (rs.kv_heads * rs.u if rs.allgather_kv else rs.kv_heads) * token * e
+    kv_local = rs.kv_heads_local * token * e  # one of K or V before any exchange
     out = rs.q_heads * token * e
     stats = 2 * shape.batch * rs.q_heads * rs.local * cluster.stat_lanes * acc
-    held = qkv + out + stats
-    kv_block = 2 * rs.kv_heads * token * e
-    a2a = 2 * qkv if rs.u > 1 else 0  # send + receive buffers
+    kv_block = 2 * rs.kv_heads * token * e  # the ring's K/V block (2 x ring_len x ring heads)
+    if rs.u > 1 and rs.r == 1 and rs.kv_cache:  # Ulysses cache: keep the local K (and V)
+        kept = 2 - RESEND[rs.kv_cache]
+        held_kv = kept * kv_local + (2 - kept) * kv_used
+    else:
+        held_kv = 2 * kv_used
+    if rs.r > 1 and rs.kvallgather:  # the gathered blocks stay for the backward
+        held_kv += (rs.r - 1) * kv_block
+    elif rs.r > 1 and rs.kv_cache:  # ring cache: the received K/V (full) or K (half) blocks
+        held_kv += (rs.r - 1) * kv_block * (2 - RESEND[rs.kv_cache]) // 2
+    held = rs.q_heads * token * e + held_kv + out + stats
+    a2a = 0
+    if rs.u > 1:  # send + receive buffers of the biggest exchange
+        a2a = 2 * (rs.q_heads * token * e + (0 if rs.allgather_kv else 2 * kv_used))
+        if rs.allgather_kv:
+            a2a = max(a2a, 2 * kv_used)  # the gathered K and V
     ring_fwd = (kv_block + out * acc // e) if rs.r > 1 else 0  # in-flight K/V, fp32 output
-    # backward: in-flight K/V, dQ accumulator, dK/dV home + travelling + current (fp32)
+    # backward: in-flight K/V, dQ accumulator, dK/dV home + travelling + current (fp32); the
+    # double ring adds the parked and the outer-travelling chains; kvallgather accumulates
+    # every block's dK/dV until the reduce-scatter
     dkv = 2 * rs.kv_heads * token * acc
-    ring_bwd = kv_block + rs.q_heads * token * acc + (3 * dkv if rs.r > 1 else dkv)
+    chains = 1
+    if rs.r > 1:
+        chains = rs.r if rs.kvallgather else (5 if rs.window > 1 else 3)
+    ring_bwd = kv_block + rs.q_heads * token * acc + chains * dkv
     return held, max(a2a, ring_fwd, ring_bwd)
+
+
+def _ring_time(
+    ring: list[Transfer],
+    compute: list[float],
+    r: int,
+    direction: str,
+    nodes: list[int],
+    cluster: Cluster,
+    pred: Prediction,
+) -> float:
+    """Seconds of one direction's ring loop: step ``t`` takes ``max(compute_t, transfers that
+    start at t and must arrive by t + 1)``; a transfer spanning ``k`` steps (double ring's
+    outer hop) adds only what it needs beyond those ``k`` steps, at the last of them. Steps past
+    the last compute (the backward's trailing dK/dV hops) are pure communication."""
+    steps = max([r] + [t.step + 1 for t in ring])
+    short: dict[int, list[Transfer]] = defaultdict(list)
+    long: dict[tuple[int, int], list[Transfer]] = defaultdict(list)
+    for t in ring:
+        (short[t.step] if t.span == 1 else long[t.step, t.span]).append(t)
+    times, comm_s = [], [0.0] * steps
+    for t in range(steps):
+        work = compute[t] if t < r else 0.0
+        comm_s[t] = transfer_time(short[t], nodes, cluster)
+        times.append(max(work, comm_s[t]))
+        pred.compute_s += work
+        pred.comm_s += comm_s[t]
+    for (start, span), group in sorted(long.items()):
+        need = transfer_time(group, nodes, cluster)
+        end = min(start + span, steps)
+        pred.comm_s += need
+        comm_s[start] += need
+        times[end - 1] += max(0.0, need - sum(times[start:end]))
+    for t in range(steps):
+        work = compute[t] if t < r else 0.0
+        pred.phases.append(
+            {"direction": direction, "phase": f"ring step {t}", "compute_s": work,
+             "comm_s": comm_s[t]}
+        )  # fmt: skip
+    return sum(times)
 
 
 def predict(
@@ -163,9 +238,11 @@ def predict(
     cluster: Cluster,
     nodes: list[int],
     transfers: list[Transfer],
+    layer_number: int | None = None,
 ) -> Prediction:
-    """Predicted time and memory of one layer; ``transfers`` from ``traffic.layer_transfers``."""
-    rs = rank_shape(shape, cfg, tp)
+    """Predicted time and memory of one layer; ``transfers`` from ``traffic.layer_transfers``
+    for the same ``layer_number`` (its KV cache policy)."""
+    rs = rank_shape(shape, cfg, tp, layer_number)
     fwd_c, bwd_c = _step_compute(shape, rs, cfg, cluster)
     by_phase: dict[tuple[str, str, int], list[Transfer]] = defaultdict(list)
     for t in transfers:
@@ -178,17 +255,10 @@ def predict(
         total = 0.0
         for phase in phases:
             if phase == "ring":
-                steps = rs.r + (1 if direction == "backward" and rs.r > 1 else 0)
-                for t in range(steps):
-                    work = compute[t] if t < rs.r else 0.0
-                    comm = transfer_time(by_phase[direction, phase, t], nodes, cluster)
-                    total += max(work, comm)
-                    pred.compute_s += work
-                    pred.comm_s += comm
-                    pred.phases.append(
-                        {"direction": direction, "phase": f"ring step {t}", "compute_s": work,
-                         "comm_s": comm}
-                    )  # fmt: skip
+                total += _ring_time(
+                    [t for t in transfers if t.direction == direction and t.phase == "ring"],
+                    compute, rs.r, direction, nodes, cluster, pred,
+                )  # fmt: skip
                 continue
             if not by_phase.get((direction, phase, 0)):  # no all-to-all in this phase
                 continue

@@ -1,4 +1,5 @@
-"""``usp-npu plan``: every (algo, u, r, placement) for a model on a cluster, ranked.
+"""``usp-npu plan``: every (algo, u, r, window, option, placement) for a model on a cluster,
+ranked.
 
 Each configuration is checked by ``ContextParallelConfig.validate`` (a rejected one carries its
 message), then priced by ``model.predict`` on the bytes of ``traffic.layer_transfers``.
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from usp_npu.config import HYBRID, RING, ULYSSES, ContextParallelConfig
+from usp_npu.config import HYBRID, KVALLGATHER, RING, ULYSSES, ContextParallelConfig
 from usp_npu.packing import check_split, normalize_cu_seqlens
 from usp_npu.plan.cluster import Cluster
 from usp_npu.plan.model import predict
@@ -16,24 +17,60 @@ from usp_npu.plan.placement import INTER, INTRA, LINK_CLASSES, node_of_rank
 from usp_npu.plan.traffic import ModelShape, bytes_by_class, layer_transfers
 
 
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
 def candidate_configs(
-    cp: int, mask_type: str = "causal", kv_cache_policy: str | None = None
+    cp: int,
+    mask_type: str = "causal",
+    kv_cache_policy: str | None = None,
+    *,
+    windows: tuple[int, ...] | None = None,
+    cache_interval: int = 0,
+    kvallgather: bool = True,
+    allgather_kv: bool = False,
 ) -> list[ContextParallelConfig]:
-    """Ring (u = 1), every hybrid 1 < u < cp, and Ulysses (u = cp), in that order, each with
-    the same KV cache policy."""
+    """Ring (u = 1), every hybrid 1 < u < cp and Ulysses (u = cp), in that order; after each
+    ring / hybrid its double rings, after the ring kvallgather, after Ulysses its all-gather of
+    K/V (``allgather_kv``: grouped-query models). All with the same KV cache policy and interval.
+
+    ``windows``: the ``--cp-window-size`` values to try on every ring degree (an invalid one is
+    kept, and ``validate`` rejects it with its message); ``None`` = every valid window of each
+    ring degree (the divisors ``1 < w < r``).
+    """
+    common = dict(
+        attention_mask_type=mask_type,
+        context_parallel_kv_cache_policy=kv_cache_policy,
+        context_parallel_cache_interval=cache_interval,
+    )
     out = []
-    for u in (d for d in range(1, cp + 1) if cp % d == 0):
+    for u in _divisors(cp):
+        r = cp // u
         algo = ULYSSES if u == cp else (RING if u == 1 else HYBRID)
-        out.append(
-            ContextParallelConfig(
-                context_parallel_size=cp,
-                context_parallel_algo=algo,
-                ulysses_degree_in_cp=u if algo == HYBRID else None,
-                attention_mask_type=mask_type,
-                context_parallel_kv_cache_policy=kv_cache_policy,
-            )
-        )
+        ud = u if algo == HYBRID else None
+        out.append(ContextParallelConfig(cp, algo, ud, **common))
+        if algo == ULYSSES:
+            if allgather_kv:
+                out.append(ContextParallelConfig(cp, algo, use_ulysses_allgather_kv=True, **common))
+            continue
+        ws = [w for w in _divisors(r) if 1 < w < r] if windows is None else windows
+        out += [
+            ContextParallelConfig(cp, algo, ud, cp_window_size=w, **common) for w in ws if w > 1
+        ]
+        if algo == RING and kvallgather:
+            out.append(ContextParallelConfig(cp, KVALLGATHER, **common))
     return out
+
+
+def config_name(cfg: ContextParallelConfig) -> str:
+    """``hybrid_cp_algo u=2 r=4 w=2``: the algorithm, degrees and options, for tables."""
+    name = f"{cfg.context_parallel_algo} u={cfg.ulysses_degree} r={cfg.ring_degree}"
+    if cfg.cp_window_size > 1:
+        name += f" w={cfg.cp_window_size}"
+    if cfg.use_ulysses_allgather_kv:
+        name += " allgather-kv"
+    return name
 
 
 def _flags(cfg: ContextParallelConfig) -> str:
@@ -41,9 +78,24 @@ def _flags(cfg: ContextParallelConfig) -> str:
     flags += f"--context-parallel-algo {cfg.context_parallel_algo}"
     if cfg.context_parallel_algo == HYBRID:
         flags += f" --ulysses-degree-in-cp {cfg.ulysses_degree_in_cp}"
+    if cfg.cp_window_size > 1:
+        flags += f" --cp-window-size {cfg.cp_window_size}"
+    if cfg.use_ulysses_allgather_kv:
+        flags += " --use-ulysses-allgather-kv"
     if cfg.context_parallel_kv_cache_policy:
         flags += f" --context-parallel-kv-cache-policy {cfg.context_parallel_kv_cache_policy}"
+    if cfg.context_parallel_cache_interval:
+        flags += f" --context-parallel-cache-interval {cfg.context_parallel_cache_interval}"
     return flags
+
+
+def layer_policies(cfg: ContextParallelConfig, num_layers: int) -> dict[str | None, list[int]]:
+    """The layers (1-based, as Megatron counts) of the ``num_layers`` that run each KV cache
+    policy (``--context-parallel-cache-interval``)."""
+    layers: dict[str | None, list[int]] = {}
+    for layer in range(1, num_layers + 1):
+        layers.setdefault(cfg.kv_cache_policy(layer), []).append(layer)
+    return layers
 
 
 def evaluate(
@@ -59,6 +111,11 @@ def evaluate(
         "context_parallel_algo": cfg.context_parallel_algo,
         "ulysses_degree": cfg.ulysses_degree,
         "ring_degree": cfg.ring_degree,
+        "cp_window_size": cfg.cp_window_size,
+        "use_ulysses_allgather_kv": cfg.use_ulysses_allgather_kv,
+        "kv_cache_policy": cfg.context_parallel_kv_cache_policy,
+        "context_parallel_cache_interval": cfg.context_parallel_cache_interval,
+        "name": config_name(cfg),
         "placement": placement,
         "flags": _flags(cfg),
         "valid": True,
@@ -88,8 +145,20 @@ def evaluate(
         entry.update(valid=False, error=str(err))
         return entry
     nodes = node_of_rank(world, cluster.devices_per_node, placement)
-    transfers = layer_transfers(shape, cfg, tp, world)
-    pred = predict(shape, cfg, tp, cluster, nodes, transfers)
+    # layer 1 stands for the layer (it runs the policy; the interval counts from it); a step
+    # prices every layer with its own policy (--context-parallel-cache-interval)
+    transfers = layer_transfers(shape, cfg, tp, world, layer_number=1)
+    pred = predict(shape, cfg, tp, cluster, nodes, transfers, layer_number=1)
+    step_s, held, transient, step_bytes = 0.0, 0, 0, dict.fromkeys(LINK_CLASSES, 0)
+    for layers in layer_policies(cfg, shape.num_layers).values():
+        layer, count = layers[0], len(layers)
+        ts = transfers if layer == 1 else layer_transfers(shape, cfg, tp, world, layer)
+        p = pred if layer == 1 else predict(shape, cfg, tp, cluster, nodes, ts, layer)
+        step_s += count * p.total_s
+        held += count * p.held_bytes
+        transient = max(transient, p.transient_bytes)
+        for cls, n in _busiest(bytes_by_class(ts, nodes)).items():
+            step_bytes[cls] += count * n
     per_rank = bytes_by_class(transfers, nodes)
     by_kind: dict[str, dict[str, int]] = {}
     for kinds in per_rank.values():
@@ -97,29 +166,34 @@ def evaluate(
             slot = by_kind.setdefault(kind, dict.fromkeys(LINK_CLASSES, 0))
             for cls, n in classes.items():
                 slot[cls] = max(slot[cls], n)
-    bytes_per_rank = {
-        cls: max((sum(c.get(cls, 0) for c in kinds.values()) for kinds in per_rank.values()), default=0)
-        for cls in LINK_CLASSES
-    }  # fmt: skip
+    bytes_per_rank = _busiest(per_rank)
     entry.update(
         predicted_time_s=pred.total_s,
-        predicted_step_time_s=pred.total_s * shape.num_layers,
+        predicted_step_time_s=step_s,
         forward_time_s=pred.forward_s,
         backward_time_s=pred.backward_s,
         compute_time_s=pred.compute_s,
         exposed_comm_time_s=pred.exposed_comm_s,
         comm_time_s=pred.comm_s,
         bytes_per_rank=bytes_per_rank,
+        bytes_per_step=step_bytes,
         bytes_by_kind=by_kind,
         # every layer keeps its activations for the backward; transients are per layer
-        memory_bytes_per_rank=pred.held_bytes * shape.num_layers + pred.transient_bytes,
+        memory_bytes_per_rank=held + transient,
         memory_held_bytes=pred.held_bytes,
-        memory_transient_bytes=pred.transient_bytes,
-        fits_in_memory=pred.held_bytes * shape.num_layers + pred.transient_bytes
-        <= cluster.device_memory,
+        memory_transient_bytes=transient,
+        fits_in_memory=held + transient <= cluster.device_memory,
         phases=pred.phases,
     )
     return entry
+
+
+def _busiest(per_rank: dict[int, dict[str, dict[str, int]]]) -> dict[str, int]:
+    """Per link class, the most bytes one rank sends (``bytes_by_class``'s output)."""
+    return {
+        cls: max((sum(c.get(cls, 0) for c in kinds.values()) for kinds in per_rank.values()), default=0)
+        for cls in LINK_CLASSES
+    }  # fmt: skip
 
 
 def _reason(best: dict, runner_up: dict | None, cluster: Cluster) -> str:
@@ -130,11 +204,11 @@ def _reason(best: dict, runner_up: dict | None, cluster: Cluster) -> str:
         f"{best['exposed_comm_time_s'] * 1e3:.3g} ms exposed next to "
         f"{best['compute_time_s'] * 1e3:.3g} ms of compute"
     )
-    name = f"{best['context_parallel_algo']} (u={best['ulysses_degree']}, r={best['ring_degree']}, {best['placement']} placement)"
+    name = f"{best['name']} ({best['placement']} placement)"
     if runner_up is None:
         return f"{name} is the only valid configuration: {where}."
     gap = runner_up["predicted_time_s"] / best["predicted_time_s"] - 1
-    other = f"{runner_up['context_parallel_algo']} u={runner_up['ulysses_degree']} r={runner_up['ring_degree']}"
+    other = runner_up["name"]
     return (
         f"{name} is predicted fastest at {best['predicted_time_s'] * 1e3:.3g} ms per layer: {where} "
         f"on {cluster.nodes} x {cluster.devices_per_node} devices, {gap * 100:.1f}% ahead of {other}."
@@ -149,18 +223,29 @@ def plan(
     placements: tuple[str, ...] = ("megatron",),
     mask_type: str = "causal",
     kv_cache_policy: str | None = None,
+    windows: tuple[int, ...] | None = None,
+    cache_interval: int = 0,
 ) -> dict:
     """The whole plan: ``{"model", "cluster", "configs", "recommended", "reason"}``.
 
     ``cp`` defaults to every device not used by tensor parallelism (world / tp). The recommended
     entry is the fastest valid one that fits in device memory (the fastest valid one when none
-    fits); ties go to fewer inter-node bytes.
+    fits); ties go to fewer inter-node bytes. ``windows``: the ``--cp-window-size`` values
+    to try (``None``: every valid one); kvallgather is tried beside the ring, the Ulysses
+    all-gather of K/V beside Ulysses when the model has fewer K/V heads than query heads.
     """
     cp = cp or cluster.world_size // tp
     configs = [
         evaluate(shape, cfg, cluster, tp, placement)
         for placement in placements
-        for cfg in candidate_configs(cp, mask_type, kv_cache_policy)
+        for cfg in candidate_configs(
+            cp,
+            mask_type,
+            kv_cache_policy,
+            windows=windows,
+            cache_interval=cache_interval,
+            allgather_kv=shape.kv_heads is not None and shape.kv_heads < shape.heads,
+        )
     ]
     valid = [c for c in configs if c["valid"]]
     pool = [c for c in valid if c["fits_in_memory"]] or valid
@@ -189,7 +274,7 @@ def format_plan(result: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in result["configs"]:
-        name = f"{c['context_parallel_algo']} u={c['ulysses_degree']} r={c['ring_degree']}"
+        name = c["name"]
         if not c["valid"]:
             msg = (
                 c["error"].replace("\n", " ").replace("invalid context-parallel settings:   - ", "")
@@ -201,8 +286,7 @@ def format_plan(result: dict) -> str:
         b = c["bytes_per_rank"]
         note = "" if c["fits_in_memory"] else "does not fit in device memory"
         if result["recommended"] and all(
-            c[k] == result["recommended"][k]
-            for k in ("context_parallel_algo", "ulysses_degree", "placement")
+            c[k] == result["recommended"][k] for k in ("flags", "placement")
         ):
             note = ("RECOMMENDED " + note).strip()
         lines.append(
