@@ -16,7 +16,7 @@ import pytest
 
 from usp_npu import cli
 from usp_npu.bench import BenchCase, bench_rank
-from usp_npu.config import HYBRID, RING, ULYSSES, ContextParallelConfig
+from usp_npu.config import HYBRID, KVALLGATHER, RING, ULYSSES, ContextParallelConfig
 from usp_npu.parallel_state import initialize_context_parallel
 from usp_npu.plan import (
     PRESETS,
@@ -48,9 +48,15 @@ def run_plan(argv: list[str], capsys) -> dict:
 def test_plan_json_contract(capsys):
     result = run_plan(CONTRACT, capsys)
     configs = result["configs"]
-    assert [(c["context_parallel_algo"], c["ulysses_degree"], c["ring_degree"]) for c in configs] == [
+    plain = [  # without the options (double-ring windows, kvallgather, all-gather KV)
+        c for c in configs
+        if c["cp_window_size"] == 1 and not c["use_ulysses_allgather_kv"]
+        and c["context_parallel_algo"] != KVALLGATHER
+    ]  # fmt: skip
+    assert [(c["context_parallel_algo"], c["ulysses_degree"], c["ring_degree"]) for c in plain] == [
         (RING, 1, 16), (HYBRID, 2, 8), (HYBRID, 4, 4), (HYBRID, 8, 2), (ULYSSES, 16, 1)
     ]  # fmt: skip
+    assert len(configs) == 13  # + windows 2, 4, 8 | 2, 4 | 2, kvallgather, all-gather KV
     for c in configs:
         assert c["valid"] is True and c["error"] is None
         assert isinstance(c["predicted_time_s"], float) and c["predicted_time_s"] > 0
@@ -63,7 +69,7 @@ def test_plan_json_contract(capsys):
     assert best["context_parallel_algo"] in result["reason"]
     # 2 nodes x 8: Ulysses over 16 ranks sends 8 of its 15 peer shares off-node; ring r=16 has
     # rank 7 -> 8 and 15 -> 0 crossing nodes, so its busiest rank sends everything inter-node
-    uly, ring = configs[-1]["bytes_per_rank"], configs[0]["bytes_per_rank"]
+    uly, ring = plain[-1]["bytes_per_rank"], plain[0]["bytes_per_rank"]
     assert uly["inter_node"] * 7 == uly["intra_node"] * 8
     assert ring["inter_node"] == ring["intra_node"] > 0
 
@@ -91,7 +97,8 @@ def test_plan_table_and_plot(tmp_path, capsys):
     argv += ["--seq-length", "32768", "--placement", "all", "--plot", str(png)]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
-    assert out.count("| round_robin |") == out.count("| megatron |") == 5  # cp 16: u = 1..16
+    # cp 16: u = 1..16, the windows of each ring degree (3 + 2 + 1) and kvallgather
+    assert out.count("| round_robin |") == out.count("| megatron |") == 5 + 6 + 1
     assert out.count("RECOMMENDED") == 1
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -117,13 +124,14 @@ def test_overlap_hides_a_fast_ring_and_not_a_slow_one():
     fast = PRESETS["atlas-800t-a2"].with_overrides(nodes=2)
     slow = fast.with_overrides(inter_node_bandwidth=1e9)
     by = {
-        name: {c["ulysses_degree"]: c for c in plan(shape, cl, cp=16)["configs"]}
+        name: {c["name"]: c for c in plan(shape, cl, cp=16)["configs"]}
         for name, cl in (("fast", fast), ("slow", slow))
     }
-    ring_fast, ring_slow = by["fast"][1], by["slow"][1]
+    ring = f"{RING} u=1 r=16"
+    ring_fast, ring_slow = by["fast"][ring], by["slow"][ring]
     assert ring_fast["exposed_comm_time_s"] < 0.02 * ring_fast["compute_time_s"]
     assert ring_slow["exposed_comm_time_s"] > ring_slow["compute_time_s"]
-    uly = by["fast"][16]
+    uly = by["fast"][f"{ULYSSES} u=16 r=1"]
     assert uly["exposed_comm_time_s"] >= uly["comm_time_s"] * 0.999
 
 
