@@ -301,8 +301,9 @@ def test_kv_cache_bytes_equal_counted_bytes(pools, world, u, policy):
     ],
 )  # fmt: skip
 def test_per_peer_traffic_agrees_with_the_volume_model(cp, u, tp, heads, kv, dtype, policy):
-    """``usp_npu.comm.volume.expected_bytes`` (per kind, per rank) and the plan's per-peer
-    transfers describe the same traffic: every rank's totals per kind and direction agree."""
+    """``usp_npu.comm.volume.expected_bytes`` sums one rank's per-peer transfers (tp 1, heads
+    per tp rank); every rank of the whole tp x cp mesh sends the same per kind and direction, so
+    the per-rank model the #13 tests check stands for all of them."""
     from usp_npu.comm.volume import expected_bytes
 
     algo = ULYSSES if u == cp else (RING if u == 1 else HYBRID)
