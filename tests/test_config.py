@@ -565,6 +565,8 @@ def test_from_args_round_trips_every_field():
             "half",
             "--context-parallel-cache-interval",
             "1",
+            "--ulysses-pipeline-chunks",
+            "2",
         ]
     )
     config = ContextParallelConfig.from_args(args)
@@ -580,6 +582,7 @@ def test_from_args_round_trips_every_field():
         cp_window_size=2,
         context_parallel_kv_cache_policy="half",
         context_parallel_cache_interval=1,
+        ulysses_pipeline_chunks=2,
     )
     for f in fields(ContextParallelConfig):
         if f.name == "use_ulysses_allgather_kv":  # Ulysses only: round-tripped in test_options

@@ -111,6 +111,15 @@ def add_context_parallel_args(parser: argparse.ArgumentParser) -> argparse.Argum
                 "help": "Ulysses with GQA: all-gather K/V and all-to-all only the queries",
             },
         ),
+        (
+            "--ulysses-pipeline-chunks",
+            {
+                "type": int,
+                "default": None,
+                "help": "Ulysses (u > 1): head chunks whose all-to-all overlaps the previous "
+                "chunk's attention; default: up to 4 chunks of >= 1 MiB; 1 = no pipelining",
+            },
+        ),
     ]
     for flag, kwargs in specs:
         if not _flag_already_added(parser, flag):

@@ -54,6 +54,9 @@ class ContextParallelConfig:
             to layers with ``layer_number % (n + 1) == 1`` (MindSpeed's rule).
         use_ulysses_allgather_kv: Ulysses with GQA: all-gather K/V over the Ulysses group and
             all-to-all only the queries, instead of replicating K/V heads before the all-to-all.
+        ulysses_pipeline_chunks: head chunks of the pipelined Ulysses all-to-all (u > 1):
+            ``None`` = the rule of ``usp_npu.algorithms.usp.pipeline_chunks``, ``1`` = no
+            pipelining; must divide the heads each rank holds after the all-to-all.
     """
 
     context_parallel_size: int = 1
@@ -68,6 +71,7 @@ class ContextParallelConfig:
     context_parallel_kv_cache_policy: str | None = None
     context_parallel_cache_interval: int = 0
     use_ulysses_allgather_kv: bool = False
+    ulysses_pipeline_chunks: int | None = None
 
     @classmethod
     def from_args(cls, args: object) -> ContextParallelConfig:
@@ -153,6 +157,9 @@ class ContextParallelConfig:
         if algo not in ALGORITHMS:
             return [f"--context-parallel-algo must be one of {', '.join(ALGORITHMS)}; got {algo!r}"]
         errors = []
+        chunks = self.ulysses_pipeline_chunks
+        if chunks is not None and (not isinstance(chunks, int) or chunks < 1):
+            errors.append(f"--ulysses-pipeline-chunks must be an integer >= 1, got {chunks!r}")
         if self.attention_mask_type not in MASK_TYPES:
             errors.append(
                 f"--attention-mask-type must be causal or general; got {self.attention_mask_type!r}"
@@ -322,7 +329,7 @@ class ContextParallelConfig:
                 )
             ]
         if groups is None:
-            return []
+            return self.pipeline_chunk_errors(heads // tp, heads // tp)
         if groups < 1 or heads % groups != 0:
             return [f"--num-query-groups {groups} must divide --num-attention-heads {heads}"]
         if groups % tp != 0:
@@ -359,6 +366,19 @@ class ContextParallelConfig:
                 "one must divide the other (K/V heads are split, or replicated, across the Ulysses "
                 f"group); change --num-query-groups or {self.ulysses_flag} (Ulysses degree {u})"
             ]
+        return self.pipeline_chunk_errors(local_heads, local_kv_heads)
+
+    def pipeline_chunk_errors(self, local_heads: int, local_kv_heads: int) -> list[str]:
+        """``--ulysses-pipeline-chunks`` must divide the heads each rank holds after the all-to-all."""
+        u, chunks = self.ulysses_degree, self.ulysses_pipeline_chunks
+        if u > 1 and chunks is not None:
+            common = math.gcd(local_heads // u, max(local_kv_heads, u) // u)
+            if common % chunks:
+                return [
+                    f"--ulysses-pipeline-chunks {chunks} must divide the {local_heads // u} query "
+                    f"and {max(local_kv_heads, u) // u} K/V heads each rank holds after the "
+                    f"all-to-all (divisors of {common}); change it or leave it unset"
+                ]
         return []
 
     def gqa_option_errors(

@@ -1,12 +1,23 @@
-"""Ulysses all-to-all on the canonical ``[S, B, N, D]`` layout, differentiable.
+"""Ulysses all-to-all on the canonical ``[S, B, N, D]`` layout: posted asynchronously, or as a
+differentiable pair.
 
 ``heads_to_sequence``: each of the ``u`` ranks holds ``S/u`` tokens with all ``N`` heads; after it,
 each holds all ``S`` tokens (in group order) with ``N/u`` heads. ``sequence_to_heads`` is the
 inverse, and each is the other's backward. Several tensors (q, k, v) travel in ONE collective:
 their per-rank head slices are packed side by side so latency is paid once.
+
+Copies: the heads -> sequence direction packs once on the sender (each destination's heads must
+be one contiguous slab) and the received buffer IS the result (views, no unpack). The sequence ->
+heads direction needs no pack for contiguous tensors of the wanted dtype (the destination's
+tokens already form one slab; each goes in its own collective) and unpacks once on the receiver,
+straight into the caller's output.
+``post_*`` return a :class:`PendingAllToAll` whose ``wait()`` finishes the exchange, so the
+caller can compute while the collective is in flight (the pipelined Ulysses in ``usp.py``).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -14,60 +25,152 @@ import torch.distributed as dist
 from usp_npu.comm.stats import CommStats
 
 
-def _exchange(buf: torch.Tensor, group: dist.ProcessGroup, stats: CommStats | None) -> torch.Tensor:
-    """all_to_all_single over dim 0 of a contiguous ``[u, ...]`` buffer."""
-    out = torch.empty_like(buf)
-    dist.all_to_all_single(out, buf, group=group)
+@dataclass
+class PendingAllToAll:
+    """One all-to-all in flight. ``recv``: ``[u, rows, B, W, D]`` (W = the packed head widths)."""
+
+    work: object | None
+    recv: torch.Tensor
+    widths: list[int]
+    to_sequence: bool
+
+    def _finish(self) -> None:
+        if self.work is not None:  # a gloo work waited twice can block: forget it once done
+            work, self.work = self.work, None
+            work.wait()
+
+    def wait(self) -> list[torch.Tensor]:
+        """heads -> sequence: views ``[S, B, w_i, D]`` of the receive buffer (no copy)."""
+        return list(self.wait_packed().split(self.widths, dim=2))
+
+    def wait_packed(self) -> torch.Tensor:
+        """heads -> sequence: the whole contiguous ``[S, B, W, D]`` buffer, tensors side by side."""
+        if not self.to_sequence:
+            raise RuntimeError("sequence -> heads results are unpacked with wait_into()")
+        self._finish()
+        u, rows, b, width, d = self.recv.shape
+        return self.recv.view(u * rows, b, width, d)
+
+    def wait_into(self, outs: list[torch.Tensor]) -> None:
+        """sequence -> heads: write each piece into ``outs[i]`` (``[S/u, B, u * w_i, D]`` views)."""
+        self._finish()
+        u = self.recv.shape[0]
+        offset = 0
+        for out, w in zip(outs, self.widths, strict=True):
+            # recv[j] = my tokens with rank j's heads: rank j's heads come j-th in the output
+            out.unflatten(2, (u, w)).copy_(
+                self.recv[..., offset : offset + w, :].permute(1, 2, 0, 3, 4)
+            )
+            offset += w
+
+
+def _post(send: torch.Tensor, group, stats: CommStats | None, widths, to_sequence, blocking):
+    recv = torch.empty_like(send)
+    work = dist.all_to_all_single(recv, send, group=group, async_op=not blocking)
     if stats is not None:
-        u = buf.shape[0]
+        u = send.shape[0]
         me = dist.get_rank()  # peers by global rank: CommStats sorts them into link classes
         members = dist.get_process_group_ranks(group or dist.group.WORLD)
         peers = [g for g in members if g != me]
-        stats.add("all_to_all", buf.numel() * buf.element_size() * (u - 1) // u, peers)
-    return out
+        stats.add("all_to_all", send.numel() * send.element_size() * (u - 1) // u, peers)
+    return PendingAllToAll(work, recv, list(widths), to_sequence)
 
 
-def _heads_to_sequence(tensors, group, stats):
+def post_heads_to_sequence(
+    tensors: list[torch.Tensor],
+    group: dist.ProcessGroup,
+    stats: CommStats | None = None,
+    blocking: bool = False,
+) -> PendingAllToAll:
+    """Start ``[S/u, B, N_i, D]`` -> ``[S, B, N_i/u, D]`` for all tensors in one collective.
+
+    The one copy is the pack: ``send[j]`` = my tokens, rank j's heads of every tensor side by side.
+    """
     u = dist.get_world_size(group)
-    s, b = tensors[0].shape[:2]
-    # [S/u, B, N, D] -> [u, S/u, B, N/u, D] per tensor, packed along the head axis
+    s, b, _, d = tensors[0].shape
     widths = [t.shape[2] // u for t in tensors]
-    packed = torch.cat(
-        [
-            t.unflatten(2, (u, w)).permute(2, 0, 1, 3, 4)
-            for t, w in zip(tensors, widths, strict=True)
-        ],
-        dim=3,
-    )
-    recv = _exchange(packed.contiguous(), group, stats)  # recv[j] = rank j's tokens, my heads
-    recv = recv.reshape(u * s, b, sum(widths), recv.shape[-1])
-    return list(recv.split(widths, dim=2))
+    send = torch.empty((u, s, b, sum(widths), d), dtype=tensors[0].dtype, device=tensors[0].device)
+    offset = 0
+    for t, w in zip(tensors, widths, strict=True):
+        send[..., offset : offset + w, :].copy_(t.unflatten(2, (u, w)).permute(2, 0, 1, 3, 4))
+        offset += w
+    return _post(send, group, stats, widths, True, blocking)
 
 
-def _sequence_to_heads(tensors, group, stats):
+def post_sequence_to_heads(
+    tensors: list[torch.Tensor],
+    group: dist.ProcessGroup,
+    stats: CommStats | None = None,
+    dtype: torch.dtype | None = None,
+    blocking: bool = False,
+) -> PendingAllToAll | _Several:
+    """Start ``[S, B, N_i/u, D]`` -> ``[S/u, B, N_i, D]``; finish with ``wait_into``.
+
+    Contiguous tensors of ``dtype`` (default the first's) are sent as they are, one collective
+    each; otherwise they are packed, and cast to ``dtype``, in one copy and one collective.
+    """
     u = dist.get_world_size(group)
-    total, b = tensors[0].shape[:2]
+    total, b, _, d = tensors[0].shape
+    dtype = dtype or tensors[0].dtype
+    if all(t.is_contiguous() and t.dtype == dtype for t in tensors):
+        # the destination's tokens already form one slab of each tensor: send them as they are,
+        # one collective each, rather than pack them (a copy of everything) to save latency
+        pending = [
+            _post(
+                t.view(u, total // u, b, t.shape[2], d), group, stats, [t.shape[2]], False, blocking
+            )
+            for t in tensors
+        ]
+        return pending[0] if len(pending) == 1 else _Several(pending)
     widths = [t.shape[2] for t in tensors]
-    packed = torch.cat([t.unflatten(0, (u, total // u)) for t in tensors], dim=3)
-    recv = _exchange(packed.contiguous(), group, stats)  # recv[j] = my tokens, rank j's heads
-    outs = []
-    for piece in recv.split(widths, dim=3):
-        outs.append(piece.permute(1, 2, 0, 3, 4).reshape(total // u, b, u * piece.shape[3], -1))
-    return outs
+    send = torch.empty((u, total // u, b, sum(widths), d), dtype=dtype, device=tensors[0].device)
+    offset = 0
+    for t, w in zip(tensors, widths, strict=True):
+        send[..., offset : offset + w, :].copy_(t.unflatten(0, (u, total // u)))
+        offset += w
+    return _post(send, group, stats, widths, False, blocking)
+
+
+@dataclass
+class _Several:
+    """Several sequence -> heads exchanges in flight, finished together (``wait_into``)."""
+
+    parts: list[PendingAllToAll]
+
+    def _finish(self) -> None:
+        for part in self.parts:
+            part._finish()
+
+    def wait_into(self, outs: list[torch.Tensor]) -> None:
+        self._finish()
+        for part, out in zip(self.parts, outs, strict=True):
+            part.wait_into([out])
+
+
+def _heads_out(tensors: list[torch.Tensor], u: int) -> list[torch.Tensor]:
+    s, b, _, d = tensors[0].shape
+    return [
+        torch.empty((s // u, b, t.shape[2] * u, d), dtype=t.dtype, device=t.device) for t in tensors
+    ]
 
 
 class _AllToAll(torch.autograd.Function):
     @staticmethod
     def forward(ctx, to_sequence: bool, group, stats, *tensors):
         ctx.to_sequence, ctx.group, ctx.stats = to_sequence, group, stats
-        fn = _heads_to_sequence if to_sequence else _sequence_to_heads
-        return tuple(fn(list(tensors), group, stats))
+        return tuple(_run(to_sequence, list(tensors), group, stats))
 
     @staticmethod
     def backward(ctx, *grads):
-        fn = _sequence_to_heads if ctx.to_sequence else _heads_to_sequence
-        grads = [g.contiguous() for g in grads]
-        return (None, None, None, *fn(grads, ctx.group, ctx.stats))
+        return (None, None, None, *_run(not ctx.to_sequence, list(grads), ctx.group, ctx.stats))
+
+
+def _run(to_sequence: bool, tensors, group, stats) -> list[torch.Tensor]:
+    if to_sequence:
+        return post_heads_to_sequence(tensors, group, stats).wait()
+    outs = _heads_out(tensors, dist.get_world_size(group))
+    post_sequence_to_heads(tensors, group, stats).wait_into(outs)
+    return outs
 
 
 def heads_to_sequence(

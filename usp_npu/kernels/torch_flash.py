@@ -60,7 +60,8 @@ class TorchBlockKernel:
                     lse = l_doc.new_empty(*l_doc.shape[:2], q.shape[0])
                 out[qs], lse[:, :, qs] = o, l_doc
         softmax_max = lse.unsqueeze(-1)
-        softmax_sum = torch.ones_like(softmax_max)
+        # contiguous (ones_like would copy lse's strides), so the ring can merge into it in place
+        softmax_sum = torch.ones(softmax_max.shape, dtype=softmax_max.dtype, device=q.device)
         if mask.mask is not None:
             # The op reports lse = 0 and out = 0 for a row that sees no key; the merge must see
             # such a row as empty (max = -inf, sum = 0) or it would weigh it as e^0.
@@ -98,7 +99,7 @@ class TorchBlockKernel:
     ):
         lse = softmax_max[..., 0] + torch.log(softmax_sum[..., 0])
         # A row with no visible key anywhere has lse = -inf; any finite value gives p = 0 there.
-        lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)).contiguous()
+        lse = torch.where(torch.isfinite(lse), lse, 0.0).contiguous()
         docs = documents(cu_seqlens_q, cu_seqlens_kv, q.shape[0], k.shape[0])
         if docs is None:
             return self._backward(dout, q, k, v, out, lse, scale, mask, softmax_max.dtype)

@@ -60,6 +60,7 @@ class AttentionCase:
     cache_interval: int = 0  # --context-parallel-cache-interval
     allgather_kv: bool = False  # --use-ulysses-allgather-kv
     layer_number: int | None = None  # the attention call's layer_number
+    pipeline_chunks: int | None = None  # --ulysses-pipeline-chunks (None = the rule)
 
     def config(self) -> ContextParallelConfig:
         return ContextParallelConfig(
@@ -75,6 +76,7 @@ class AttentionCase:
             context_parallel_kv_cache_policy=self.kv_cache,
             context_parallel_cache_interval=self.cache_interval,
             use_ulysses_allgather_kv=self.allgather_kv,
+            ulysses_pipeline_chunks=self.pipeline_chunks,
         )
 
 
