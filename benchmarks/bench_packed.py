@@ -28,6 +28,7 @@ import torch
 
 from usp_npu import ops
 from usp_npu.algorithms.usp import usp_attention
+from usp_npu.bench import TimedKernel
 from usp_npu.comm.stats import CommStats
 from usp_npu.config import HYBRID, RING, ULYSSES, ContextParallelConfig
 from usp_npu.kernels import CAUSAL, BlockMask, TorchBlockKernel
@@ -59,27 +60,6 @@ class PackedCase:
         return tuple(range(0, self.seq + 1, self.seq // self.docs))
 
 
-class _Timed:
-    """A block kernel wrapper adding this thread's CPU time spent in kernel calls."""
-
-    def __init__(self, inner):
-        self.inner, self.name, self.stat_lanes, self.cpu_s = inner, inner.name, 1, 0.0
-
-    def forward(self, *args, **kwargs):
-        t0 = time.thread_time()
-        try:
-            return self.inner.forward(*args, **kwargs)
-        finally:
-            self.cpu_s += time.thread_time() - t0
-
-    def backward(self, *args, **kwargs):
-        t0 = time.thread_time()
-        try:
-            return self.inner.backward(*args, **kwargs)
-        finally:
-            self.cpu_s += time.thread_time() - t0
-
-
 def bench_rank(case: PackedCase) -> dict:
     """One warm-up, then ``repeats`` forward + backward on this rank; averages."""
     mesh = initialize_context_parallel(case.config())
@@ -89,7 +69,7 @@ def bench_rank(case: PackedCase) -> dict:
     local = case.seq // case.cp
     g = torch.Generator().manual_seed(mesh.rank)
     q, k, v = (torch.randn(local, 1, case.heads, case.head_dim, generator=g) for _ in range(3))
-    kernel, stats = _Timed(TorchBlockKernel()), CommStats()
+    kernel, stats = TimedKernel(TorchBlockKernel()), CommStats()
     wall = kernel_s = 0.0
     for it in range(case.repeats + 1):
         stats.reset()

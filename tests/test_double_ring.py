@@ -11,7 +11,6 @@ from usp_npu import ops
 from usp_npu.algorithms.routes import double_ring_order
 from usp_npu.algorithms.usp import usp_attention
 from usp_npu.config import ContextParallelConfig
-from usp_npu.kernels import ReferenceBlockKernel
 from usp_npu.parallel_state import initialize_context_parallel
 from usp_npu.sharding import split_sequence
 from usp_npu.testing import dense_attention
@@ -22,6 +21,7 @@ from usp_npu.testing.cases import (
     check_attention,
     world_size,
 )
+from usp_npu.testing.recording import RecordingKernel
 
 RING, HYBRID = "megatron_cp_algo", "hybrid_cp_algo"
 
@@ -68,25 +68,12 @@ def test_double_ring_matches_dense_and_bytes_per_link_match_the_model(pools, cas
     assert sent["ring_inner_kv"] * (r // w - 1) == sent["ring_outer_kv"] * (r - r // w)
 
 
-class _RecordingKernel(ReferenceBlockKernel):
-    def __init__(self):
-        self.calls = []
-
-    def forward(self, q, k, v, *, scale, mask):
-        self.calls.append(("fwd", q.shape[0], k.shape[0], mask.causal))
-        return super().forward(q, k, v, scale=scale, mask=mask)
-
-    def backward(self, dout, q, k, v, out, smax, ssum, *, scale, mask, rng_state=None):
-        self.calls.append(("bwd", q.shape[0], k.shape[0], mask.causal))
-        return super().backward(dout, q, k, v, out, smax, ssum, scale=scale, mask=mask)
-
-
 def _record(cp: int, window: int, seq: int):
     mesh = initialize_context_parallel(ContextParallelConfig(cp, RING, cp_window_size=window))
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(seq, 1, 2, 8, generator=g, dtype=torch.float64) for _ in range(3))
     ref = dense_attention(q, k, v, causal=True)
-    kernel = _RecordingKernel()
+    kernel = RecordingKernel()
     leaves = [split_sequence(x, 0, mesh).requires_grad_() for x in (q, k, v)]
     out = usp_attention(
         *leaves, mesh=mesh, kernel=kernel, scale=8**-0.5, merge=ops.ring_attention_update_

@@ -14,7 +14,6 @@ import torch.distributed as dist
 from usp_npu import context_parallel_attention, ops
 from usp_npu.algorithms.usp import usp_attention
 from usp_npu.config import ContextParallelConfig
-from usp_npu.kernels import ReferenceBlockKernel
 from usp_npu.parallel_state import initialize_context_parallel
 from usp_npu.sharding import split_sequence
 from usp_npu.testing import ProcessGroupPool, dense_attention
@@ -24,6 +23,7 @@ from usp_npu.testing.cases import (
     check_attention,
     world_size,
 )
+from usp_npu.testing.recording import RecordingKernel
 
 RING = "megatron_cp_algo"
 MASKS = [("causal", "none"), ("general", "none"), ("general", "random")]
@@ -129,27 +129,12 @@ def test_ring_bf16_error_does_not_grow_with_ring_size(pools):
         assert errors[8][name] <= 2 * errors[2][name], (name, errors)
 
 
-class _RecordingKernel(ReferenceBlockKernel):
-    """The reference kernel, recording the (q rows, kv rows, causal) of every call."""
-
-    def __init__(self):
-        self.calls = []
-
-    def forward(self, q, k, v, *, scale, mask):
-        self.calls.append(("fwd", q.shape[0], k.shape[0], mask.causal))
-        return super().forward(q, k, v, scale=scale, mask=mask)
-
-    def backward(self, dout, q, k, v, out, smax, ssum, *, scale, mask, rng_state=None):
-        self.calls.append(("bwd", q.shape[0], k.shape[0], mask.causal))
-        return super().backward(dout, q, k, v, out, smax, ssum, scale=scale, mask=mask)
-
-
 def _record_schedule(cp: int, seq: int):
     mesh = initialize_context_parallel(ContextParallelConfig(cp, RING))
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(seq, 1, 2, 8, generator=g, dtype=torch.float64) for _ in range(3))
     ref = dense_attention(q, k, v, causal=True)
-    kernel = _RecordingKernel()
+    kernel = RecordingKernel()
     out = usp_attention(
         *(split_sequence(x, 0, mesh).requires_grad_() for x in (q, k, v)),
         mesh=mesh,

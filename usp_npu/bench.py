@@ -75,8 +75,8 @@ class BenchCase:
         return self.tp * self.cp
 
 
-class _TimedKernel:
-    """Wraps a block kernel; adds the CPU time of this thread spent in its calls."""
+class TimedKernel:
+    """Wraps a block kernel; adds the CPU time of this thread spent in its calls (``cpu_s``)."""
 
     def __init__(self, inner):
         self.inner, self.name, self.stat_lanes = inner, inner.name, inner.stat_lanes
@@ -108,7 +108,7 @@ def bench_rank(case: BenchCase) -> dict:
         (local, case.batch, nkv, case.head_dim)
     ] * 2
     q, k, v = (torch.randn(s, generator=g).to(dtype) for s in shapes)
-    kernel = _TimedKernel(select_kernel("auto", q.device, dtype, False))
+    kernel = TimedKernel(select_kernel("auto", q.device, dtype, False))
     nodes = None
     if case.devices_per_node:
         nodes = node_of_rank(dist.get_world_size(), case.devices_per_node, case.placement)
