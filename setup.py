@@ -56,8 +56,13 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["usp_npu", "usp_npu.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.3", "numpy"],
-    extras_require={"test": ["pytest", "ruff"], "docs": ["sphinx", "myst-parser", "furo"]},
+    install_requires=["torch>=2.3", "numpy", "tqdm"],
+    extras_require={
+        "test": ["pytest", "ruff"],
+        "plot": ["matplotlib"],  # usp-npu bench / plan --plot
+        "integrations": ["transformers", "megatron-core", "einops"],
+        "docs": ["sphinx", "myst-parser", "furo", "sphinx-intl"],
+    },
     entry_points={"console_scripts": ["usp-npu=usp_npu.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
