@@ -26,14 +26,10 @@ from dataclasses import dataclass
 
 import torch
 
-from usp_npu import ops
-from usp_npu.algorithms.usp import usp_attention
-from usp_npu.bench import TimedKernel
-from usp_npu.comm.stats import CommStats
+from usp_npu import bench as usp_npu_bench
+from usp_npu.bench import BenchCase
 from usp_npu.config import HYBRID, RING, ULYSSES, ContextParallelConfig
 from usp_npu.kernels import CAUSAL, BlockMask, TorchBlockKernel
-from usp_npu.packing import normalize_cu_seqlens
-from usp_npu.parallel_state import initialize_context_parallel
 from usp_npu.testing.launcher import ProcessGroupPool
 
 
@@ -61,35 +57,24 @@ class PackedCase:
 
 
 def bench_rank(case: PackedCase) -> dict:
-    """One warm-up, then ``repeats`` forward + backward on this rank; averages."""
-    mesh = initialize_context_parallel(case.config())
-    cu = case.cu_seqlens()
-    if cu is not None:
-        normalize_cu_seqlens(cu, case.seq)
-    local = case.seq // case.cp
-    g = torch.Generator().manual_seed(mesh.rank)
-    q, k, v = (torch.randn(local, 1, case.heads, case.head_dim, generator=g) for _ in range(3))
-    kernel, stats = TimedKernel(TorchBlockKernel()), CommStats()
-    wall = kernel_s = 0.0
-    for it in range(case.repeats + 1):
-        stats.reset()
-        kernel.cpu_s = 0.0
-        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-        t0 = time.perf_counter()
-        out = usp_attention(
-            *leaves,
-            mesh=mesh,
-            kernel=kernel,
-            scale=case.head_dim**-0.5,
-            merge=ops.resolve_ring_update(None, q.device),
-            stats=stats,
-            cu_seqlens=cu,
+    """One warm-up, then ``repeats`` forward + backward on this rank (``usp_npu.bench``'s loop)."""
+    res = usp_npu_bench.bench_rank(
+        BenchCase(
+            algo=case.algo,
+            cp=case.cp,
+            ulysses_degree=case.u if case.algo == HYBRID else None,
+            seq=case.seq,
+            heads=case.heads,
+            head_dim=case.head_dim,
+            repeats=case.repeats,
+            cu_seqlens=case.cu_seqlens(),
         )
-        out.backward(torch.ones_like(out))
-        if it:
-            wall += (time.perf_counter() - t0) / case.repeats
-            kernel_s += kernel.cpu_s / case.repeats
-    return {"wall_s": wall, "kernel_s": kernel_s, "bytes": sum(stats.sent.values())}
+    )
+    return {
+        "wall_s": res["forward_s"] + res["backward_s"],
+        "kernel_s": res["kernel_cpu_s"],
+        "bytes": sum(res["bytes"].values()),
+    }
 
 
 def _pairs(cu: tuple[int, ...]) -> int:

@@ -521,6 +521,10 @@ def test_flags_have_mindspeed_names_defaults_and_choices():
         ["--attention-backend", "cuda"],
         ["--context-parallel-size", "two"],
         ["--ulysses-degree-in-cp", "1.5"],
+        ["--cp-window-size", "two"],
+        ["--context-parallel-kv-cache-policy", "quarter"],
+        ["--context-parallel-cache-interval", "1.5"],
+        ["--context-parallel-algo", "kvallgather"],
     ],
 )
 def test_bad_flag_values_are_refused_by_the_parser(argv, capsys):
