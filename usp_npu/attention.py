@@ -93,14 +93,9 @@ def _check_packed(
     return cu
 
 
-def _check_token_order(token_order, qc, mesh: ContextParallelMesh, cu) -> None:
+def _check_token_order(token_order, qc, mesh: ContextParallelMesh) -> None:
     if token_order is None:
         return
-    if cu is not None:
-        raise ValueError(
-            "token_order and cu_seqlens were both given: packed sequences take split_sequence's "
-            "packed split, without token_order"
-        )
     n = qc.shape[0] * mesh.ulysses_size
     if (
         not isinstance(token_order, torch.Tensor)
@@ -149,7 +144,8 @@ def context_parallel_attention(
             0, last = S, strictly increasing; list of ints or 1-D integer tensor), the same on
             every rank; attention stays inside each document (causal inside it for the causal
             mask type, full for general). Batch must be 1 (or layout ``TND``); the shards must
-            come from ``split_sequence(x, seq_dim, cu_seqlens)``. See ``docs/packed.md``.
+            come from ``split_sequence(x, seq_dim, cu_seqlens)``, or from another split that
+            ``token_order`` maps onto it. See ``docs/packed.md``.
         dropout_p: attention dropout; needs the npu backend, whose blocks replay their dropout
             mask (seed, offset) in the backward.
         mesh: defaults to the mesh of :func:`usp_npu.initialize_context_parallel`.
@@ -161,7 +157,9 @@ def context_parallel_attention(
             still gives every Ulysses group the same tokens (Megatron's own zigzag split, see
             :mod:`usp_npu.integrations.megatron`): int64 ``[L * u]``, the permutation that puts
             the tokens gathered by the Ulysses all-to-all (group order) into ``split_sequence``'s
-            order. The output comes back in the caller's order.
+            order. The output comes back in the caller's order. With ``cu_seqlens`` the target
+            order is ``split_sequence``'s packed split (Megatron's THD split qualifies:
+            :func:`usp_npu.token_order.token_order_for` with ``cu_seqlens=``).
 
     Returns:
         The local output, same layout and shape as ``q``. Differentiable w.r.t. q, k, v.
@@ -170,7 +168,7 @@ def context_parallel_attention(
     mesh = mesh or get_mesh()
     cu = _check_packed(qc, mesh, cu_seqlens, attention_mask, layout)
     _check_against_mesh(qc, kc, mesh, attention_mask)
-    _check_token_order(token_order, qc, mesh, cu)
+    _check_token_order(token_order, qc, mesh)
     cfg = mesh.config
     scale = qc.shape[3] ** -0.5 if softmax_scale is None else float(softmax_scale)
     if not 0.0 <= dropout_p < 1.0:

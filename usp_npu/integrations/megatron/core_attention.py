@@ -12,6 +12,11 @@ holds chunks ``c`` and ``2 cp - 1 - c`` of ``2 cp``), and slices the RoPE table 
 the model. That is the ring's own split; for Ulysses and hybrid the module passes the
 ``token_order`` that puts the tokens gathered by the Ulysses all-to-all into usp_npu's order
 (:mod:`usp_npu.token_order`), so Megatron's batch and RoPE are used unchanged.
+
+THD packed sequences (``packed_seq_params``, qkv_format ``'thd'``, q ``[t, np, hn]``): Megatron
+splits every (padded) document the same way (``get_thd_batch_on_this_cp_rank``) and applies RoPE
+per document on that split; the module runs usp_npu's packed path with the padded documents as
+``cu_seqlens`` and the per-document ``token_order`` (:mod:`usp_npu.integrations.megatron.thd`).
 """
 
 from __future__ import annotations
@@ -22,15 +27,12 @@ from megatron.core.transformer.module import MegatronModule
 
 from usp_npu.attention import context_parallel_attention
 from usp_npu.integrations.megatron.mesh import check_megatron_mesh
+from usp_npu.integrations.megatron.thd import thd_cu_seqlens
 from usp_npu.parallel_state import get_mesh
 from usp_npu.token_order import token_order_for, zigzag_positions
 
-_PACKED_PENDING = (
-    "packed_seq_params (THD packed sequences) are not supported by USPCoreAttention yet: "
-    "Megatron's THD context-parallel split (per document, through TransformerEngine) and its THD "
-    "RoPE slicing are not mapped onto usp_npu's packed split; train with one sequence per row, "
-    "or use usp_npu.context_parallel_attention(..., cu_seqlens=...) in your own attention"
-)
+#: token orders a module keeps (one per sequence length / THD document layout)
+_MAX_ORDERS = 16
 
 
 def _is_causal(mask_type) -> bool:
@@ -88,12 +90,18 @@ class USPCoreAttention(MegatronModule):
                 f"softmax_type={config.softmax_type!r} is not supported by USPCoreAttention "
                 "(vanilla softmax only)"
             )
-        self._orders: dict[tuple[int, torch.device], torch.Tensor | None] = {}
+        self._orders: dict[tuple, torch.Tensor | None] = {}
 
-    def _token_order(self, seq_length: int, device: torch.device) -> torch.Tensor | None:
-        key = (seq_length, device)
+    def _token_order(
+        self, seq_length: int, cu: tuple[int, ...] | None, device: torch.device
+    ) -> torch.Tensor | None:
+        key = (seq_length, cu, device)
         if key not in self._orders:
-            self._orders[key] = token_order_for(zigzag_positions, seq_length, self.mesh, device)
+            if len(self._orders) >= _MAX_ORDERS:  # THD batches bring new documents each step
+                self._orders.clear()
+            self._orders[key] = token_order_for(
+                zigzag_positions, seq_length, self.mesh, device, cu_seqlens=cu
+            )
         return self._orders[key]
 
     def forward(
@@ -108,33 +116,57 @@ class USPCoreAttention(MegatronModule):
     ) -> torch.Tensor:
         """q ``[s, b, np, hn]``, k/v ``[s, b, ng, hn]`` in Megatron's CP split -> ``[s, b, np*hn]``.
 
-        ``attention_mask`` (Megatron's causal mask, full or CP-split) is ignored: causality is the
-        attention's own; any other mask type, ``attention_bias`` or ``packed_seq_params`` raises.
+        THD (``packed_seq_params`` with qkv_format ``'thd'``): q ``[t, np, hn]``, k/v
+        ``[t, ng, hn]`` (or with a batch dimension of 1 after ``t``) in Megatron's THD split ->
+        ``[t, np*hn]``. ``attention_mask`` (Megatron's causal mask, full or CP-split) is ignored:
+        causality is the attention's own; any other mask type or ``attention_bias`` raises, and
+        so do ``packed_seq_params`` this module cannot honour exactly (see
+        :func:`usp_npu.integrations.megatron.thd.thd_cu_seqlens`).
         """
         mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
         if not _is_causal(mask_type):
             raise ValueError(f"USPCoreAttention got attn_mask_type {mask_type}; only causal")
         if attention_bias is not None:
             raise ValueError("attention_bias is not supported by USPCoreAttention")
-        if packed_seq_params is not None:
-            raise ValueError(_PACKED_PENDING)
         if self.mesh is not get_mesh():
             check_megatron_mesh(get_mesh(), None, self.config.context_parallel_size)
             self.mesh, self._orders = get_mesh(), {}
-        s, b, _, hn = query.shape
-        order = self._token_order(s * self.mesh.cp_size, query.device)
-        return context_parallel_attention(
-            query.reshape(s, b, -1),
-            key.reshape(s, b, -1),
-            value.reshape(s, b, -1),
-            layout="SBH",
+        hn, cp = query.shape[-1], self.mesh.cp_size
+        if packed_seq_params is None:
+            s, b = query.shape[:2]
+            q, k, v = (x.reshape(s, b, -1) for x in (query, key, value))
+            layout, cu = "SBH", None
+        else:
+            q, k, v = (
+                _thd(x, name) for x, name in ((query, "query"), (key, "key"), (value, "value"))
+            )
+            layout, cu = "TND", thd_cu_seqlens(packed_seq_params, q.shape[0] * cp, self.mesh)
+        out = context_parallel_attention(
+            q,
+            k,
+            v,
+            layout=layout,
             softmax_scale=self.softmax_scale,
             head_dim=hn,
+            cu_seqlens=cu,
             dropout_p=self.dropout_p if self.training else 0.0,
             mesh=self.mesh,
             layer_number=self.layer_number,  # --context-parallel-cache-interval
-            token_order=order,
+            token_order=self._token_order(q.shape[0] * cp, cu, q.device),
         )
+        return out if cu is None else out.flatten(1)
+
+
+def _thd(x: torch.Tensor, name: str) -> torch.Tensor:
+    """A THD tensor as ``[t, heads, hn]`` (Megatron squeezes the batch of 1 away, or keeps it)."""
+    if x.dim() == 4 and x.shape[1] == 1:
+        return x.squeeze(1)
+    if x.dim() != 3:
+        raise ValueError(
+            f"packed_seq_params (THD) expects {name} [t, heads, head_dim] (or [t, 1, heads, "
+            f"head_dim]), got shape {tuple(x.shape)}"
+        )
+    return x
 
 
 def patch_spec(spec):
