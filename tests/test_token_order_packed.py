@@ -96,9 +96,9 @@ def test_packed_token_order_maps_the_thd_split_onto_the_ring_share(u, r, mix):
 
 def test_packed_token_order_refuses_what_no_permutation_fixes():
     cu = (0, 8, 24)
-    with pytest.raises(ValueError, match="other tokens than usp_npu.*general.*cu_seqlens"):
+    with pytest.raises(ValueError, match=r"other tokens than usp_npu.*general.*cu_seqlens"):
         token_order_for(zigzag_positions, 24, _mesh(1, 2, 0, "general"), cu_seqlens=cu)
-    with pytest.raises(ValueError, match="document length 6 .* cu_seqlens_q_padded"):
+    with pytest.raises(ValueError, match=r"document length 6 .* cu_seqlens_q_padded"):
         token_order_for(zigzag_positions, 14, _mesh(2, 1, 0), cu_seqlens=(0, 8, 14))
     with pytest.raises(ValueError, match="cu_seqlens ends at 24"):
         token_order_for(zigzag_positions, 32, _mesh(1, 2, 0), cu_seqlens=cu)

@@ -87,8 +87,8 @@ def megatron_on_cpu() -> Iterator[None]:
     """Apply the patches above while the block runs; restore megatron-core on exit."""
     if torch.cuda.is_available():
         raise RuntimeError("megatron_on_cpu is for a CPU-only torch: run megatron-core unpatched")
-    from megatron.core.models.common.embeddings import rope_utils
     from megatron.core import utils as megatron_utils
+    from megatron.core.models.common.embeddings import rope_utils
     from megatron.core.models.common.embeddings import rotary_pos_embedding as rpe
 
     saved = [
