@@ -5,16 +5,20 @@
     torchrun --nproc-per-node 8 examples/megatron_train.py --tensor-model-parallel-size 2 \
         --context-parallel-algo hybrid_cp_algo --ulysses-degree-in-cp 2
 
---context-parallel-size defaults to world size / tp. CPU only: megatron_on_cpu() patches the two
-CUDA calls megatron-core 0.16 makes on this path (see docs/integration_megatron.md).
+--context-parallel-size defaults to world size / tp. --packed trains THD packed rows of three
+documents (padded per document to a multiple of 2 cp) against every document alone. CPU only:
+megatron_on_cpu() patches the CUDA calls megatron-core 0.16 makes on this path (see
+docs/integration_megatron.md).
 """
 
 import argparse
+import itertools
 import os
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
+from megatron.core import utils as megatron_utils
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
@@ -27,6 +31,7 @@ parser = usp_npu.add_context_parallel_args(argparse.ArgumentParser())  # extra_a
 parser.add_argument("--tensor-model-parallel-size", type=int, default=1)
 parser.add_argument("--steps", type=int, default=5)
 parser.add_argument("--seq-length", type=int, default=256)
+parser.add_argument("--packed", action="store_true", help="THD packed documents")
 parser.set_defaults(context_parallel_size=None)
 args = parser.parse_args()
 tp, vocab = args.tensor_model_parallel_size, 128
@@ -62,12 +67,7 @@ def train(use_usp: bool, tp: int, cp: int) -> list[float]:
     cp_group, losses = parallel_state.get_context_parallel_group(), []
     for step in range(args.steps):
         g = torch.Generator().manual_seed(step)
-        data = torch.randint(vocab, (2, args.seq_length + 1), generator=g)
-        mask = torch.ones(1, 1, args.seq_length, args.seq_length, dtype=torch.bool).triu(1)
-        batch = {"tokens": data[:, :-1], "labels": data[:, 1:], "attention_mask": mask}
-        batch = get_batch_on_this_cp_rank(batch)  # Megatron's own split, for every algorithm
-        per_token = model(batch["tokens"], None, batch["attention_mask"], labels=batch["labels"])
-        loss = per_token.sum() / data[:, 1:].numel()  # this rank's share of the mean
+        loss = (packed_loss if args.packed else batch_loss)(model, g, use_usp)
         loss.backward()
         for p in model.parameters():  # what Megatron's DDP does over the dp x cp group
             dist.all_reduce(p.grad, group=cp_group)
@@ -77,6 +77,43 @@ def train(use_usp: bool, tp: int, cp: int) -> list[float]:
         dist.all_reduce(total, group=cp_group)
         losses.append(total.item())
     return losses
+
+
+def causal(n: int) -> torch.Tensor:
+    return torch.ones(1, 1, n, n, dtype=torch.bool).triu(1)  # True = masked
+
+
+def batch_loss(model, g: torch.Generator, use_usp: bool) -> torch.Tensor:
+    data = torch.randint(vocab, (2, args.seq_length + 1), generator=g)
+    batch = {
+        "tokens": data[:, :-1],
+        "labels": data[:, 1:],
+        "attention_mask": causal(data.shape[1] - 1),
+    }
+    batch = get_batch_on_this_cp_rank(batch)  # Megatron's own split, for every algorithm
+    per_token = model(batch["tokens"], None, batch["attention_mask"], labels=batch["labels"])
+    return per_token.sum() / data[:, 1:].numel()  # this rank's share of the mean
+
+
+def packed_loss(model, g: torch.Generator, use_usp: bool) -> torch.Tensor:
+    lengths = [args.seq_length // 4 - 3, args.seq_length // 2, args.seq_length // 4 + 1]
+    docs = [torch.randint(vocab, (n + 1,), generator=g) for n in lengths]
+    if not use_usp:  # the reference: every document alone, unpacked
+        return sum(model(d[None, :-1], None, causal(d.numel() - 1), labels=d[None, 1:]).sum()
+                   for d in docs) / sum(lengths)  # fmt: skip
+    cu = torch.tensor(list(itertools.accumulate(lengths, initial=0)))
+    padded, index = usp_npu.pad_packed(cu, 2 * cp)  # every document to a multiple of 2 cp
+    keep, src = index >= 0, index.clamp(min=0)
+    batch = {
+        "tokens": torch.cat([d[:-1] for d in docs])[src][None],
+        "labels": torch.cat([d[1:] for d in docs])[src][None],
+        "loss_mask": keep[None].float(),  # padding carries no loss
+    }
+    batch, packed = megatron_utils.get_thd_batch_on_this_cp_rank(  # Megatron's THD split
+        batch, cu.int(), padded.int(), padded.diff().max()[None]
+    )
+    per_token = model(batch["tokens"], None, None, labels=batch["labels"], packed_seq_params=packed)
+    return (per_token * batch["loss_mask"]).sum() / sum(lengths)
 
 
 dist.init_process_group("gloo")

@@ -1,5 +1,6 @@
-"""examples/hf_train.py and examples/megatron_train.py run verbatim under torchrun on CPU (small):
-every step's CP loss matches the one-process loss they print beside it (float32)."""
+"""examples/hf_train.py and examples/megatron_train.py (also with --packed) run verbatim under
+torchrun on CPU (small): every step's CP loss matches the one-process loss they print beside it
+(float32)."""
 
 from __future__ import annotations
 
@@ -24,11 +25,15 @@ def _losses(script: str, *flags: str) -> list[tuple[float, float]]:
 
 
 @pytest.mark.parametrize(
-    "script,needs",
-    [("examples/hf_train.py", "transformers"), ("examples/megatron_train.py", "megatron.core")],
+    "script,needs,flags",
+    [
+        ("examples/hf_train.py", "transformers", ()),
+        ("examples/megatron_train.py", "megatron.core", ()),
+        ("examples/megatron_train.py", "megatron.core", ("--packed",)),  # THD packed documents
+    ],
 )
-def test_example_prints_matching_losses(script, needs):
+def test_example_prints_matching_losses(script, needs, flags):
     pytest.importorskip(needs)
-    for cp_loss, single_loss in _losses(script):
+    for cp_loss, single_loss in _losses(script, *flags):
         assert cp_loss > 3.0  # ~ln(128): real cross-entropy, not a degenerate value
         assert abs(cp_loss - single_loss) <= 1e-5 * single_loss, (cp_loss, single_loss)
