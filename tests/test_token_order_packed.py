@@ -133,9 +133,16 @@ def _thd_attention(u: int, r: int, lengths: list[int]) -> dict:
     return {"errors": errors, "permuted": order is not None}
 
 
-@pytest.mark.parametrize(("u", "r"), [(4, 1), (1, 4), (2, 2)], ids=["uly4", "ring4", "hyb2x2"])
-def test_thd_split_with_token_order_matches_dense(pools, u, r):
-    results = pools(u * r).run(_thd_attention, u, r, MIXES["three-unequal"])
+@pytest.mark.parametrize("mix", ["three-unequal", "tiny"])
+@pytest.mark.parametrize(("u", "r"), GRIDS, ids=[f"u{u}r{r}" for u, r in GRIDS])
+def test_thd_split_with_token_order_matches_dense(pools, u, r, mix):
+    results = pools(u * r).run(_thd_attention, u, r, MIXES[mix])
     for rank, res in enumerate(results):
         assert max(res["errors"]) <= 1e-9, (rank, res["errors"])
     assert any(res["permuted"] for res in results) == (u > 1)
+
+
+def test_zigzag_positions_at_cp1_is_megatrons_no_split():
+    """Megatron leaves the batch whole at cp 1, odd lengths included (THD or not)."""
+    assert torch.equal(zigzag_positions(7, 0, 1), torch.arange(7))
+    assert torch.equal(zigzag_positions(10, 0, 1, cu_seqlens=(0, 3, 10)), torch.arange(10))

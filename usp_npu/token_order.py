@@ -38,23 +38,28 @@ SplitPositions = Callable[..., torch.Tensor]
 def zigzag_positions(
     seq_length: int, cp_rank: int, cp_size: int, cu_seqlens: CuSeqlens | None = None
 ) -> torch.Tensor:
-    """Megatron-core's split: chunks ``c`` and ``2cp-1-c`` of 2cp, of the sequence or of each document.
+    """Megatron-core's split: chunks ``c`` and ``2cp-1-c`` of 2cp, of the sequence or each document.
 
     Without ``cu_seqlens``: ``get_batch_on_this_cp_rank``. With ``cu_seqlens`` (the packed
     sequence's cumulative document lengths, padded ones: Megatron's ``cu_seqlens_q_padded``):
     the THD split of ``get_thd_batch_on_this_cp_rank`` (TransformerEngine's
-    ``thd_get_partitioned_indices``), every document zigzagged, documents in order.
+    ``thd_get_partitioned_indices``), every document zigzagged, documents in order. With
+    ``cp_size`` 1 Megatron does not split: every position, in order.
     """
     bounds = (0, seq_length) if cu_seqlens is None else normalize_cu_seqlens(cu_seqlens, seq_length)
+    if cp_size == 1:
+        return torch.arange(seq_length)
     parts = []
     for a, b in itertools.pairwise(bounds):
         if (b - a) % (2 * cp_size):
-            what = "sequence" if cu_seqlens is None else "document"
             raise ValueError(
-                f"{what} length {b - a} is not divisible by 2 x context-parallel size {cp_size} "
-                "(Megatron's load-balanced split"
-                + ("" if cu_seqlens is None else "; pad every document: cu_seqlens_q_padded")
-                + ")"
+                f"sequence length {b - a} is not divisible by 2 x context-parallel size "
+                f"{cp_size} (Megatron's load-balanced split)"
+                if cu_seqlens is None
+                else f"document length {b - a} is not divisible by 2 x context-parallel size "
+                f"{cp_size} (Megatron's THD split): pad every document to a multiple of "
+                f"{2 * cp_size} (usp_npu.pad_packed(cu_seqlens, {2 * cp_size}); Megatron's "
+                "cu_seqlens_q_padded)"
             )
         chunks = torch.arange(a, b).chunk(2 * cp_size)
         parts += [chunks[cp_rank], chunks[2 * cp_size - 1 - cp_rank]]
