@@ -90,7 +90,7 @@ class RingExchange:
         self.send_group = first if (second is None or i % 2 == 0) else second
         self.recv_group = first if (second is None or ((i - 1) % size) % 2 == 0) else second
         # Two communicators, separate calls: NCCL/HCCL set up a pair's communicator on its first
-        # call, so there odd ranks send first to break the cycle; gloo needs no set-up and takes
+        # call, so there even ranks send first to break the cycle; gloo needs no set-up and takes
         # the receive first (module docstring).
         self.recv_first = not self.split_groups or i % 2 == 1 or dist.get_backend(first) == "gloo"
         #: wait for each exchange before returning it (no overlap: for measuring what overlap hides)
