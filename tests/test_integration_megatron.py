@@ -19,6 +19,7 @@ pytest.importorskip("einops")
 
 import usp_npu
 from usp_npu.parallel_state import mesh_rank_lists
+from usp_npu.testing.process_groups import live_process_groups, released_process_groups
 
 VOCAB, SEQ, BATCH, STEPS, LR, SEED = 64, 64, 2, 3, 0.05, 1234
 
@@ -106,6 +107,7 @@ def _tp_slice(full: torch.Tensor, param, tp: int, tp_rank: int) -> torch.Tensor:
     return full
 
 
+@released_process_groups()  # Megatron's groups outlive destroy_model_parallel
 def _megatron_parity(tp: int, cp: int, algo: str, u: int | None) -> dict:
     from megatron.core import parallel_state as ps
 
@@ -221,6 +223,7 @@ def _train_thd(model, cp: int, cp_group) -> tuple[list[float], list[list[torch.T
     return losses, grads
 
 
+@released_process_groups()  # Megatron's groups outlive destroy_model_parallel
 def _thd_parity(cp: int, algo: str, u: int | None) -> dict:
     from megatron.core import parallel_state as ps
 
@@ -273,6 +276,7 @@ def test_cp_groups_equal_megatron_rank_generator(world):
     assert megatron_cp_groups(8, 2, 2) == [[0, 2], [1, 3], [4, 6], [5, 7]]
 
 
+@released_process_groups()  # Megatron's groups outlive destroy_model_parallel
 def _groups_against_parallel_state() -> list[str]:
     from megatron.core import parallel_state as ps
 
@@ -312,6 +316,7 @@ def test_cp_groups_equal_megatron_parallel_state(pools):
         assert report[4].startswith(f"rank {rank}: Megatron's context-parallel group is"), report
 
 
+@released_process_groups()  # Megatron's groups outlive destroy_model_parallel
 def _construction_variants() -> list[str]:
     """USPCoreAttention built with the keywords of 0.16 (pg_collection), 0.14 (model_comm_pgs)
     and none (parallel_state), and what it refuses."""
@@ -449,3 +454,17 @@ def test_config_from_megatron_lm_args():
         usp_npu.ContextParallelConfig.from_args(args).validate(4, 64)
     cfg = config_from_args(args).validate(num_attention_heads=4, seq_length=64)
     assert (cfg.context_parallel_size, cfg.ulysses_degree, cfg.attention_backend) == (4, 2, "auto")
+
+
+def _live_group_count() -> int:
+    return len(live_process_groups())
+
+
+def test_megatron_jobs_release_their_process_groups(pools):
+    """Each initialize_model_parallel adds ~35 gloo groups (about 5 file descriptors each) that
+    destroy_model_parallel keeps; a pool that runs every test ran out of descriptors and hung."""
+    pool = pools(4)
+    pool.run(_construction_variants)  # usp_npu's own cached groups exist from here on
+    before = pool.run(_live_group_count)
+    pool.run(_construction_variants)
+    assert pool.run(_live_group_count) == before

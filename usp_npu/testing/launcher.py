@@ -9,6 +9,7 @@ per-rank results. A rank that raises, dies or overruns the timeout makes the cal
 
 from __future__ import annotations
 
+import faulthandler
 import multiprocessing as mp
 import os
 import queue
@@ -41,8 +42,15 @@ def run_torchrun(nproc: int, *target: str, timeout_s: float = 120.0) -> subproce
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env, cwd=root)
 
 
+def _stack_file(init_file: str, rank: int) -> str:
+    return f"{init_file}.rank{rank}.stacks"
+
+
 def _worker(rank: int, world_size: int, init_file: str, timeout_s: float, tasks, results) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # A call that overruns its time dumps every thread's stack here, so that the pool's report
+    # of a hung rank says where it waits (the pool kills the rank soon after).
+    stacks = open(_stack_file(init_file, rank), "w")  # noqa: SIM115 (open for the process's life)
     import torch
     import torch.distributed as dist
 
@@ -64,10 +72,15 @@ def _worker(rank: int, world_size: int, init_file: str, timeout_s: float, tasks,
         if task is None:
             break
         call_id, fn, args, kwargs = task
+        stacks.seek(0)
+        stacks.truncate()
+        faulthandler.dump_traceback_later(max(1.0, timeout_s - 5), file=stacks)
         try:
             results.put((rank, call_id, ("ok", fn(*args, **kwargs))))
         except BaseException:
             results.put((rank, call_id, ("error", traceback.format_exc())))
+        finally:
+            faulthandler.cancel_dump_traceback_later()
     dist.destroy_process_group()
 
 
@@ -121,8 +134,10 @@ class ProcessGroupPool:
                 p.kill()
                 p.join()
         self._procs = []
-        if getattr(self, "_init_file", None) and os.path.exists(self._init_file):
-            os.unlink(self._init_file)
+        init_file = getattr(self, "_init_file", None)
+        for path in [init_file] + [_stack_file(init_file, r) for r in range(self.world_size)]:
+            if init_file and os.path.exists(path):
+                os.unlink(path)
 
     def __enter__(self) -> ProcessGroupPool:
         return self.start()
@@ -142,10 +157,11 @@ class ProcessGroupPool:
         errors = {r: v[1] for r, v in got.items() if v is not None and v[0] == "error"}
         missing = [r for r in range(self.world_size) if r not in got]
         if errors or missing:
-            self.close()  # peers of a failed rank may be blocked in a collective
             detail = dict(errors)
             for r in missing:
                 detail[r] = f"no answer within {self.timeout_s:.0f} s (hung or died)"
+                detail[r] += self._stacks(r)
+            self.close()  # peers of a failed rank may be blocked in a collective
             raise RankFailure(self._describe(getattr(fn, "__name__", str(fn)), detail))
         return [got[r][1] for r in range(self.world_size)]
 
@@ -173,6 +189,14 @@ class ProcessGroupPool:
                     # give the peers a moment to report their own errors, then stop waiting
                     deadline = min(deadline, time.monotonic() + 2.0)
         return got
+
+    def _stacks(self, rank: int) -> str:
+        """The thread stacks rank ``rank`` dumped when its call overran, if it did."""
+        try:
+            text = Path(_stack_file(self._init_file, rank)).read_text()
+        except OSError:
+            return ""
+        return f"; its threads when the time ran out:\n{text}" if text.strip() else ""
 
     def _describe(self, what: str, failures: dict[int, Any]) -> str:
         lines = [f"{what} failed on rank(s) {sorted(failures)} of {self.world_size}:"]
