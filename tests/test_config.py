@@ -571,6 +571,8 @@ def test_from_args_round_trips_every_field():
             "1",
             "--ulysses-pipeline-chunks",
             "2",
+            "--ulysses-all-to-all",
+            "p2p",
         ]
     )
     config = ContextParallelConfig.from_args(args)
@@ -587,6 +589,7 @@ def test_from_args_round_trips_every_field():
         context_parallel_kv_cache_policy="half",
         context_parallel_cache_interval=1,
         ulysses_pipeline_chunks=2,
+        ulysses_all_to_all="p2p",
     )
     for f in fields(ContextParallelConfig):
         if f.name == "use_ulysses_allgather_kv":  # Ulysses only: round-tripped in test_options

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from usp_npu.config import ALGORITHMS, BACKENDS, KV_CACHE_POLICIES, MASK_TYPES, ULYSSES
+from usp_npu.config import (
+    ALGORITHMS,
+    ALL_TO_ALL_KINDS,
+    BACKENDS,
+    KV_CACHE_POLICIES,
+    MASK_TYPES,
+    ULYSSES,
+)
 
 
 def _flag_already_added(parser: argparse.ArgumentParser, flag: str) -> bool:
@@ -118,6 +125,15 @@ def add_context_parallel_args(parser: argparse.ArgumentParser) -> argparse.Argum
                 "default": None,
                 "help": "Ulysses (u > 1): head chunks whose all-to-all overlaps the previous "
                 "chunk's attention; default: up to 4 chunks of >= 1 MiB; 1 = no pipelining",
+            },
+        ),
+        (
+            "--ulysses-all-to-all",
+            {
+                "default": "collective",
+                "choices": ALL_TO_ALL_KINDS,
+                "help": "Ulysses all-to-all as one collective, or as point-to-point sends and "
+                "receives with the receives posted first (p2p: for gloo across hosts)",
             },
         ),
     ]

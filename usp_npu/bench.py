@@ -48,6 +48,7 @@ class BenchCase:
     layer_number: int | None = None  # the layer this call stands for (picks the cache policy)
     window: int = 1  # --cp-window-size (double ring when > 1)
     allgather_kv: bool = False  # --use-ulysses-allgather-kv
+    all_to_all: str = "collective"  # --ulysses-all-to-all
 
     def config(self) -> ContextParallelConfig:
         return ContextParallelConfig(
@@ -60,6 +61,7 @@ class BenchCase:
             context_parallel_cache_interval=self.cache_interval,
             cp_window_size=self.window,
             use_ulysses_allgather_kv=self.allgather_kv,
+            ulysses_all_to_all=self.all_to_all,
         )
 
     @property

@@ -19,6 +19,7 @@ ALGORITHMS = (ULYSSES, RING, HYBRID, KVALLGATHER)
 MASK_TYPES = ("causal", "general")
 KV_CACHE_POLICIES = ("full", "half")
 BACKENDS = ("auto", "npu", "torch", "reference")
+ALL_TO_ALL_KINDS = ("collective", "p2p")
 
 
 def _divisors(n: int) -> list[int]:
@@ -57,6 +58,10 @@ class ContextParallelConfig:
         ulysses_pipeline_chunks: head chunks of the pipelined Ulysses all-to-all (u > 1):
             ``None`` = the rule of ``usp_npu.algorithms.usp.pipeline_chunks``, ``1`` = no
             pipelining; must divide the heads each rank holds after the all-to-all.
+        ulysses_all_to_all: how the Ulysses all-to-all travels: ``collective`` (one
+            ``all_to_all_single``) or ``p2p`` (a receive and a send per peer, receives posted
+            first: for gloo across hosts, whose collective can run the two directions of a
+            link one after the other; ``usp_npu/comm/p2p.py``).
     """
 
     context_parallel_size: int = 1
@@ -72,6 +77,7 @@ class ContextParallelConfig:
     context_parallel_cache_interval: int = 0
     use_ulysses_allgather_kv: bool = False
     ulysses_pipeline_chunks: int | None = None
+    ulysses_all_to_all: str = "collective"
 
     @classmethod
     def from_args(cls, args: object) -> ContextParallelConfig:
@@ -160,6 +166,11 @@ class ContextParallelConfig:
         chunks = self.ulysses_pipeline_chunks
         if chunks is not None and (not isinstance(chunks, int) or chunks < 1):
             errors.append(f"--ulysses-pipeline-chunks must be an integer >= 1, got {chunks!r}")
+        if self.ulysses_all_to_all not in ALL_TO_ALL_KINDS:
+            errors.append(
+                "--ulysses-all-to-all must be one of "
+                f"{', '.join(ALL_TO_ALL_KINDS)}; got {self.ulysses_all_to_all!r}"
+            )
         if self.attention_mask_type not in MASK_TYPES:
             errors.append(
                 f"--attention-mask-type must be causal or general; got {self.attention_mask_type!r}"

@@ -66,6 +66,7 @@ def ulysses_heads_to_sequence(
     ``[S, B, n, D]`` (``n`` = the K/V heads this rank's query heads use).
     """
     group, u = mesh.ulysses_group, mesh.ulysses_size
+    p2p = mesh.config.ulysses_all_to_all == "p2p"
     if mesh.config.use_ulysses_allgather_kv:
         heads = kv_head_range(q.shape[2], k.shape[2], u, mesh.ulysses_rank)
 
@@ -74,22 +75,22 @@ def ulysses_heads_to_sequence(
             # buffer with every K/V head is not kept alive for the backward
             return all_gather_sequence(x, group, stats)[:, :, heads].contiguous()
 
-        (q_post,) = heads_to_sequence([q], group, stats)
+        (q_post,) = heads_to_sequence([q], group, stats, p2p)
         k_post, v_post = gather(k), gather(v)
     else:
 
         def gather(x: torch.Tensor) -> torch.Tensor:
-            return heads_to_sequence([replicate_kv_heads(x, u)], group, stats)[0]
+            return heads_to_sequence([replicate_kv_heads(x, u)], group, stats, p2p)[0]
 
         kr, vr = replicate_kv_heads(k, u), replicate_kv_heads(v, u)
         if policy is None:  # one all-to-all for all three
-            q_post, k_post, v_post = heads_to_sequence([q, kr, vr], group, stats)
+            q_post, k_post, v_post = heads_to_sequence([q, kr, vr], group, stats, p2p)
         elif policy == "full":  # K/V apart from q, so q's buffer does not keep them alive
-            (q_post,) = heads_to_sequence([q], group, stats)
-            k_post, v_post = heads_to_sequence([kr, vr], group, stats)
+            (q_post,) = heads_to_sequence([q], group, stats, p2p)
+            k_post, v_post = heads_to_sequence([kr, vr], group, stats, p2p)
         else:  # half: V stays with q, K apart
-            q_post, v_post = heads_to_sequence([q, vr], group, stats)
-            (k_post,) = heads_to_sequence([kr], group, stats)
+            q_post, v_post = heads_to_sequence([q, vr], group, stats, p2p)
+            (k_post,) = heads_to_sequence([kr], group, stats, p2p)
     if policy is None:
         return q_post, k_post, v_post, None
     # rebuild runs inside the ring's backward, where autograd records nothing: the same

@@ -95,6 +95,7 @@ class _UlyssesPlan:
     stats: CommStats | None
     chunks: int
     blocking: bool
+    p2p: bool  # --ulysses-all-to-all p2p
 
 
 def _head_chunk(x: torch.Tensor, c: int, chunks: int) -> torch.Tensor:
@@ -111,7 +112,7 @@ class _PipelinedUlysses(torch.autograd.Function):
 
         def post_in(c):
             parts = [_head_chunk(x, c, chunks) for x in (q, k, v)]
-            return post_heads_to_sequence(parts, group, plan.stats, plan.blocking)
+            return post_heads_to_sequence(parts, group, plan.stats, plan.blocking, plan.p2p)
 
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         saved, rng_states, per_chunk = [], [], 0
@@ -123,7 +124,9 @@ class _PipelinedUlysses(torch.autograd.Function):
             out_c, smax, ssum, rng, cache = ring_forward(q_c, k_c, v_c, plan.rings[c])
             out_c = out_c.contiguous()  # the send buffer (a copy only of a one-step kernel layout)
             previous = outgoing
-            outgoing = post_sequence_to_heads([out_c], group, plan.stats, blocking=plan.blocking)
+            outgoing = post_sequence_to_heads(
+                [out_c], group, plan.stats, blocking=plan.blocking, p2p=plan.p2p
+            )
             if previous is not None:
                 previous.wait_into([_head_chunk(out, c - 1, chunks)])
             chunk_saved = [q_c, k_c, v_c, out_c, smax, ssum, *cache]
@@ -144,7 +147,7 @@ class _PipelinedUlysses(torch.autograd.Function):
 
         def post_in(c):
             return post_heads_to_sequence(
-                [_head_chunk(dout, c, chunks)], plan.group, plan.stats, plan.blocking
+                [_head_chunk(dout, c, chunks)], plan.group, plan.stats, plan.blocking, plan.p2p
             )
 
         incoming, outgoing = post_in(0), None
@@ -159,7 +162,7 @@ class _PipelinedUlysses(torch.autograd.Function):
             previous = outgoing
             # dq, dk, dv go back as they are, or packed in one copy where a cast or layout is due
             outgoing = post_sequence_to_heads(
-                list(grads), plan.group, plan.stats, dtype=q_c.dtype, blocking=plan.blocking
+                list(grads), plan.group, plan.stats, q_c.dtype, plan.blocking, plan.p2p
             )
             if previous is not None:
                 previous.wait_into([_head_chunk(x, c - 1, chunks) for x in (dq, dk, dv)])
@@ -201,6 +204,7 @@ def usp_attention(
     """
     u, r = mesh.ulysses_size, mesh.ring_size
     cfg = mesh.config
+    p2p = cfg.ulysses_all_to_all == "p2p"
 
     def ring_plan(local_len: int, restore=None) -> RingPlan:
         steps = ring_schedule(mesh.ring_rank, r, local_len, cfg.causal, mask, cu_seqlens, q.device)
@@ -231,7 +235,7 @@ def usp_attention(
         if token_order is not None:
             out = out.index_select(0, torch.argsort(token_order))
         if u > 1:
-            (out,) = sequence_to_heads([out], mesh.ulysses_group, stats)
+            (out,) = sequence_to_heads([out], mesh.ulysses_group, stats, p2p)
         return out
     # GQA: each rank needs whole K/V heads; replicate only when there are fewer than u of them
     k, v = replicate_kv_heads(k, u), replicate_kv_heads(v, u)
@@ -239,5 +243,5 @@ def usp_attention(
         chunks = cfg.ulysses_pipeline_chunks
     chunks = pipeline_chunks(tuple(q.shape), k.shape[2], u, q.element_size(), chunks)
     rings = [ring_plan(q.shape[0] * u) for _ in range(chunks)]
-    plan = _UlyssesPlan(rings, mesh.ulysses_group, stats, chunks, blocking_comm)
+    plan = _UlyssesPlan(rings, mesh.ulysses_group, stats, chunks, blocking_comm, p2p)
     return _PipelinedUlysses.apply(q, k, v, plan)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from usp_npu.comm.p2p import post_receives_then_sends
 from usp_npu.comm.stats import CommStats
 
 
@@ -29,15 +30,15 @@ from usp_npu.comm.stats import CommStats
 class PendingAllToAll:
     """One all-to-all in flight. ``recv``: ``[u, rows, B, W, D]`` (W = the packed head widths)."""
 
-    work: object | None
+    works: list
     recv: torch.Tensor
     widths: list[int]
     to_sequence: bool
 
     def _finish(self) -> None:
-        if self.work is not None:  # a gloo work waited twice can block: forget it once done
-            work, self.work = self.work, None
-            work.wait()
+        while self.works:  # a gloo work waited twice can block: forget each once done
+            self.works[0].wait()
+            self.works.pop(0)
 
     def wait(self) -> list[torch.Tensor]:
         """heads -> sequence: views ``[S, B, w_i, D]`` of the receive buffer (no copy)."""
@@ -64,16 +65,36 @@ class PendingAllToAll:
             offset += w
 
 
-def _post(send: torch.Tensor, group, stats: CommStats | None, widths, to_sequence, blocking):
+def _exchange(recv: torch.Tensor, send: torch.Tensor, group, p2p: bool) -> list:
+    """``recv[j]`` = what group rank ``j`` sent me, ``send[j]`` goes to rank ``j``: one
+    ``all_to_all_single``, or with ``p2p`` a receive and a send per peer, every receive posted
+    first (``p2p.py``: gloo's all-to-all posts each send before its receive and, across a slow
+    link, can run the two directions one after the other)."""
+    if not p2p:
+        return [dist.all_to_all_single(recv, send, group=group, async_op=True)]
+    members = dist.get_process_group_ranks(group)
+    u, me = len(members), members.index(dist.get_rank())
+    recv[me].copy_(send[me])
+    peers = [(me + i) % u for i in range(1, u)]
+    return post_receives_then_sends(
+        [(recv[(me - i) % u], members[(me - i) % u]) for i in range(1, u)],
+        [(send[j], members[j]) for j in peers],
+        group,
+    )
+
+
+def _post(send: torch.Tensor, group, stats: CommStats | None, widths, to_sequence, blocking, p2p):
     recv = torch.empty_like(send)
-    work = dist.all_to_all_single(recv, send, group=group, async_op=not blocking)
+    pending = PendingAllToAll(_exchange(recv, send, group, p2p), recv, list(widths), to_sequence)
+    if blocking:
+        pending._finish()
     if stats is not None:
         u = send.shape[0]
         me = dist.get_rank()  # peers by global rank: CommStats sorts them into link classes
         members = dist.get_process_group_ranks(group or dist.group.WORLD)
         peers = [g for g in members if g != me]
         stats.add("all_to_all", send.numel() * send.element_size() * (u - 1) // u, peers)
-    return PendingAllToAll(work, recv, list(widths), to_sequence)
+    return pending
 
 
 def post_heads_to_sequence(
@@ -81,10 +102,12 @@ def post_heads_to_sequence(
     group: dist.ProcessGroup,
     stats: CommStats | None = None,
     blocking: bool = False,
+    p2p: bool = False,
 ) -> PendingAllToAll:
     """Start ``[S/u, B, N_i, D]`` -> ``[S, B, N_i/u, D]`` for all tensors in one collective.
 
     The one copy is the pack: ``send[j]`` = my tokens, rank j's heads of every tensor side by side.
+    ``p2p``: point-to-point exchanges instead of the collective (``--ulysses-all-to-all p2p``).
     """
     u = dist.get_world_size(group)
     s, b, _, d = tensors[0].shape
@@ -94,7 +117,7 @@ def post_heads_to_sequence(
     for t, w in zip(tensors, widths, strict=True):
         send[..., offset : offset + w, :].copy_(t.unflatten(2, (u, w)).permute(2, 0, 1, 3, 4))
         offset += w
-    return _post(send, group, stats, widths, True, blocking)
+    return _post(send, group, stats, widths, True, blocking, p2p)
 
 
 def post_sequence_to_heads(
@@ -103,6 +126,7 @@ def post_sequence_to_heads(
     stats: CommStats | None = None,
     dtype: torch.dtype | None = None,
     blocking: bool = False,
+    p2p: bool = False,
 ) -> PendingAllToAll | _Several:
     """Start ``[S, B, N_i/u, D]`` -> ``[S/u, B, N_i, D]``; finish with ``wait_into``.
 
@@ -117,7 +141,13 @@ def post_sequence_to_heads(
         # one collective each, rather than pack them (a copy of everything) to save latency
         pending = [
             _post(
-                t.view(u, total // u, b, t.shape[2], d), group, stats, [t.shape[2]], False, blocking
+                t.view(u, total // u, b, t.shape[2], d),
+                group,
+                stats,
+                [t.shape[2]],
+                False,
+                blocking,
+                p2p,
             )
             for t in tensors
         ]
@@ -128,7 +158,7 @@ def post_sequence_to_heads(
     for t, w in zip(tensors, widths, strict=True):
         send[..., offset : offset + w, :].copy_(t.unflatten(0, (u, total // u)))
         offset += w
-    return _post(send, group, stats, widths, False, blocking)
+    return _post(send, group, stats, widths, False, blocking, p2p)
 
 
 @dataclass
@@ -156,42 +186,50 @@ def _heads_out(tensors: list[torch.Tensor], u: int) -> list[torch.Tensor]:
 
 class _AllToAll(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, to_sequence: bool, group, stats, *tensors):
-        ctx.to_sequence, ctx.group, ctx.stats = to_sequence, group, stats
-        return tuple(_run(to_sequence, list(tensors), group, stats))
+    def forward(ctx, to_sequence: bool, group, stats, p2p, *tensors):
+        ctx.to_sequence, ctx.group, ctx.stats, ctx.p2p = to_sequence, group, stats, p2p
+        return tuple(_run(to_sequence, list(tensors), group, stats, p2p))
 
     @staticmethod
     def backward(ctx, *grads):
-        return (None, None, None, *_run(not ctx.to_sequence, list(grads), ctx.group, ctx.stats))
+        back = _run(not ctx.to_sequence, list(grads), ctx.group, ctx.stats, ctx.p2p)
+        return (None, None, None, None, *back)
 
 
-def _run(to_sequence: bool, tensors, group, stats) -> list[torch.Tensor]:
+def _run(to_sequence: bool, tensors, group, stats, p2p: bool) -> list[torch.Tensor]:
     if to_sequence:
-        return post_heads_to_sequence(tensors, group, stats).wait()
+        return post_heads_to_sequence(tensors, group, stats, p2p=p2p).wait()
     outs = _heads_out(tensors, dist.get_world_size(group))
-    post_sequence_to_heads(tensors, group, stats).wait_into(outs)
+    post_sequence_to_heads(tensors, group, stats, p2p=p2p).wait_into(outs)
     return outs
 
 
 def heads_to_sequence(
-    tensors: list[torch.Tensor], group: dist.ProcessGroup, stats: CommStats | None = None
+    tensors: list[torch.Tensor],
+    group: dist.ProcessGroup,
+    stats: CommStats | None = None,
+    p2p: bool = False,
 ) -> list[torch.Tensor]:
     """``[S/u, B, N_i, D]`` shards -> ``[S, B, N_i/u, D]``, one all-to-all for all tensors.
 
     Every ``N_i`` must be divisible by the group size ``u``; all tensors share S, B and D.
+    ``p2p``: point-to-point exchanges instead of the collective (``--ulysses-all-to-all p2p``).
     """
     if dist.get_world_size(group) == 1:
         return list(tensors)
-    return list(_AllToAll.apply(True, group, stats, *tensors))
+    return list(_AllToAll.apply(True, group, stats, p2p, *tensors))
 
 
 def sequence_to_heads(
-    tensors: list[torch.Tensor], group: dist.ProcessGroup, stats: CommStats | None = None
+    tensors: list[torch.Tensor],
+    group: dist.ProcessGroup,
+    stats: CommStats | None = None,
+    p2p: bool = False,
 ) -> list[torch.Tensor]:
     """Inverse of :func:`heads_to_sequence`: ``[S, B, N_i/u, D]`` -> ``[S/u, B, N_i, D]``."""
     if dist.get_world_size(group) == 1:
         return list(tensors)
-    return list(_AllToAll.apply(False, group, stats, *tensors))
+    return list(_AllToAll.apply(False, group, stats, p2p, *tensors))
 
 
 def replicate_kv_heads(x: torch.Tensor, ulysses_degree: int) -> torch.Tensor:

@@ -2,12 +2,11 @@
 
 Each call posts both directions asynchronously and returns a handle; the caller computes the
 current block meanwhile and waits only when it needs the next one (double buffering).
-Without the overlap option both go in one ``batch_isend_irecv`` (deadlock-free on NCCL/HCCL).
-The receive is posted before the send (always in the batch; on gloo also with two
-communicators): gloo announces a posted receive to the sender in
-the same TCP stream as its bulk data, so a send posted first can hold the peer's announcement
-behind megabytes of payload and turn a two-way exchange into two one-way ones (measured over a
-shaped link: half the rate in about half of the exchanges; receive first: full rate, steady).
+Without the overlap option both are posted by ``p2p.post_receives_then_sends`` (one
+``batch_isend_irecv`` on NCCL/HCCL, deadlock-free). The receive is posted before the send (on
+gloo also with two communicators): gloo announces a posted receive to the sender in the same
+TCP stream as its bulk data, so a send posted first can hold the peer's announcement behind
+megabytes of payload and turn a two-way exchange into two one-way ones (``p2p.py``).
 With ``--use-cp-send-recv-overlap`` the link ``i -> i+1`` uses the first communicator when ``i``
 is even and the second when odd, so a rank's send and receive run on different communicators;
 both ends of a link derive the same choice from the sender's index.
@@ -21,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from usp_npu.comm.p2p import post_receives_then_sends
 from usp_npu.comm.stats import CommStats
 from usp_npu.parallel_state import ContextParallelMesh
 
@@ -108,11 +108,9 @@ class RingExchange:
         if self.stats is not None:
             self.stats.add(kind, tensor.numel() * tensor.element_size(), (self.next_rank,))
         if not self.split_groups:
-            ops = [
-                dist.P2POp(dist.irecv, recv, self.prev_rank, self.recv_group),
-                dist.P2POp(dist.isend, tensor, self.next_rank, self.send_group),
-            ]
-            works = dist.batch_isend_irecv(ops)
+            works = post_receives_then_sends(
+                [(recv, self.prev_rank)], [(tensor, self.next_rank)], self.send_group
+            )
             return PendingRecv(works, recv, (self.next_rank, self.prev_rank), self.stats)
         posts = [
             lambda: dist.irecv(recv, self.prev_rank, group=self.recv_group),

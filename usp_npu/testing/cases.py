@@ -61,6 +61,7 @@ class AttentionCase:
     allgather_kv: bool = False  # --use-ulysses-allgather-kv
     layer_number: int | None = None  # the attention call's layer_number
     pipeline_chunks: int | None = None  # --ulysses-pipeline-chunks (None = the rule)
+    all_to_all: str = "collective"  # --ulysses-all-to-all
 
     def config(self) -> ContextParallelConfig:
         return ContextParallelConfig(
@@ -77,6 +78,7 @@ class AttentionCase:
             context_parallel_cache_interval=self.cache_interval,
             use_ulysses_allgather_kv=self.allgather_kv,
             ulysses_pipeline_chunks=self.pipeline_chunks,
+            ulysses_all_to_all=self.all_to_all,
         )
 
 
