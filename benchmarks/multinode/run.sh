@@ -29,6 +29,7 @@ HEAD_DIM=64
 DTYPE=float32
 REPEATS=1
 PROBE_BYTES=$((4 * 1024 * 1024))
+A2A=p2p                      # --ulysses-all-to-all: gloo's collective serialises slow links
 OUT=benchmarks/multinode/results
 TIMEOUT=600                  # seconds per launch: every rank is killed after it
 PORT=29613
@@ -46,6 +47,7 @@ while [[ $# -gt 0 ]]; do
         --dtype) DTYPE=$2; shift 2 ;;
         --repeats) REPEATS=$2; shift 2 ;;
         --probe-bytes) PROBE_BYTES=$2; shift 2 ;;
+        --ulysses-all-to-all) A2A=$2; shift 2 ;;
         --timeout) TIMEOUT=$2; shift 2 ;;
         --out) OUT=$2; shift 2 ;;
         --cleanup-only) CLEANUP_ONLY=1; shift ;;
@@ -130,6 +132,7 @@ for rate in $RATES; do
                 --master "$SUBNET.1:$PORT" --seq-length "$SEQ" --num-attention-heads "$HEADS" \
                 ${KV:+--num-query-groups "$KV"} --head-dim "$HEAD_DIM" --dtype "$DTYPE" \
                 --repeats "$REPEATS" --probe-bytes "$PROBE_BYTES" --timeout "$TIMEOUT" \
+                --ulysses-all-to-all "$A2A" \
                 --out "$OUT/$tag.json" &
             pids+=($!)
         done

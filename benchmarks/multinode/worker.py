@@ -166,6 +166,7 @@ def main() -> None:
     p.add_argument("--probe-bytes", type=int, default=4 * 2**20)
     p.add_argument("--out", required=True)
     p.add_argument("--timeout", type=float, default=300)
+    p.add_argument("--ulysses-all-to-all", default="p2p", choices=("collective", "p2p"))
     args = p.parse_args()
     rank, world = int(os.environ["RANK"]), args.nodes * args.ranks_per_node
     nodes = node_of_rank(world, args.ranks_per_node, args.placement)
@@ -183,7 +184,7 @@ def main() -> None:
     )
     try:
         dtype = getattr(torch, args.dtype)
-        links = measure_links(nodes, args.probe_bytes, 3)
+        links = measure_links(nodes, args.probe_bytes, 7)  # 7 samples per size: a steady median
         cases = valid_configs(
             world, args.num_attention_heads, args.seq_length, args.num_query_groups
         )
@@ -202,6 +203,7 @@ def main() -> None:
                 repeats=args.repeats,
                 devices_per_node=args.ranks_per_node,
                 placement=args.placement,
+                all_to_all=args.ulysses_all_to_all,
             )
             res = bench_rank(case)
             gathered = [None] * world if rank == 0 else None

@@ -9,7 +9,7 @@
 
 from usp_npu.plan.cluster import PRESETS, Cluster
 from usp_npu.plan.placement import PLACEMENTS, node_of_rank, rank_groups
-from usp_npu.plan.report import evaluate, format_plan, plan, plot_plan
+from usp_npu.plan.report import evaluate, format_plan, plan, plot_plan, rank_configs
 from usp_npu.plan.traffic import ModelShape, bytes_by_class, counted_by_kind, layer_transfers
 
 __all__ = [
@@ -25,5 +25,6 @@ __all__ = [
     "node_of_rank",
     "plan",
     "plot_plan",
+    "rank_configs",
     "rank_groups",
 ]

@@ -2,9 +2,12 @@
 
 The layer runs as a sequence of phases that every rank enters together (``traffic.py``):
 
-- an all-to-all phase is exposed: packing copies at memory bandwidth + latency + the slower of
-  its intra-node part (the busiest rank's bytes at the per-device bandwidth, or the busiest
-  peer link) and its inter-node part (the busiest node's off-node bytes at the node's bandwidth);
+- an all-to-all phase takes packing copies at memory bandwidth + latency + the slower of its
+  intra-node part (the busiest rank's bytes at the per-device bandwidth, or the busiest peer
+  link) and its inter-node part (the busiest node's off-node bytes at the node's bandwidth). It
+  is exposed, except that the pipelined Ulysses (``C`` head chunks, ``algorithms/usp.py``)
+  overlaps chunk ``c``'s ring with the next chunk's exchange in and the previous chunk's exchange
+  out: only one chunk's exchange in and one chunk's exchange out stay exposed (``_pipelined``);
 - ring step ``t`` costs ``max(compute_t, transfer_t)``: the block kernel of step ``t`` (its
   FLOPs from ``ring_schedule`` at the device rate, plus a per-call overhead and, forward, the
   fused merge at memory bandwidth) runs while the next K/V block (and, backward, the previous
@@ -25,10 +28,11 @@ double-buffered K/V, dK/dV accumulators).
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from usp_npu.algorithms.routes import double_ring_order
 from usp_npu.algorithms.schedule import ring_schedule
+from usp_npu.algorithms.usp import pipeline_chunks
 from usp_npu.config import ContextParallelConfig
 from usp_npu.kernels.base import CAUSAL
 from usp_npu.plan.cluster import Cluster
@@ -50,6 +54,7 @@ class Prediction:
     phases: list[dict] = field(default_factory=list)
     held_bytes: int = 0
     transient_bytes: int = 0
+    pipeline_chunks: int = 1  # head chunks of the pipelined Ulysses
 
     @property
     def total_s(self) -> float:
@@ -231,6 +236,57 @@ def _ring_time(
     return sum(times)
 
 
+#: per direction, the all-to-all that feeds the ring and the one that carries its result back:
+#: the pair the pipelined Ulysses overlaps with the ring, head chunk by head chunk
+PIPELINED = {"forward": ("a2a_in", "a2a_out"), "backward": ("a2a_dout", "a2a_dqkv")}
+
+
+def pipeline_chunks_of(shape: ModelShape, rs: RankShape, cfg: ContextParallelConfig) -> int:
+    """Head chunks the pipelined Ulysses runs with (``algorithms/usp.py``: its rule or the
+    flag; 1 where the exchange runs whole: u = 1, the Ulysses all-gather of K/V, the Ulysses
+    KV cache)."""
+    if rs.u == 1 or rs.allgather_kv or (rs.kv_cache is not None and rs.r == 1):
+        return 1
+    q_shape = (rs.local, shape.batch, rs.q_heads, shape.head_dim)
+    return pipeline_chunks(
+        q_shape, rs.kv_heads, rs.u, shape.element_bytes, cfg.ulysses_pipeline_chunks
+    )
+
+
+def _pipelined(
+    took: dict[str, float],
+    first: str,
+    last: str,
+    chunks: int,
+    direction: str,
+    by_phase: dict,
+    nodes: list[int],
+    cluster: Cluster,
+) -> float:
+    """Seconds the pipeline saves (<= 0) against running ``first``, the ring and ``last``
+    whole. With ``C`` chunks, chunk ``c``'s ring (``1/C`` of the heads) runs while chunk
+    ``c + 1``'s ``first`` exchange and chunk ``c - 1``'s ``last`` exchange travel (one after the
+    other: they share the links); only chunk 0's ``first`` and the last chunk's ``last`` are
+    exposed. The packing copies stay on the compute side, unhidden."""
+    if first not in took or last not in took:
+        return 0.0
+
+    def exchange(phase: str) -> float:  # one chunk's transfer: 1/C of the bytes, full latency
+        group = [replace(t, nbytes=t.nbytes // chunks) for t in by_phase[direction, phase, 0]]
+        return transfer_time(group, nodes, cluster)
+
+    x_in, x_out = exchange(first), exchange(last)
+    pack = sum(took[p] - transfer_time(by_phase[direction, p, 0], nodes, cluster)
+               for p in (first, last))  # fmt: skip
+    ring = took.get("ring", 0.0) / chunks
+    steps = sum(
+        max(ring, (x_in if c + 1 < chunks else 0.0) + (x_out if c > 0 else 0.0))
+        for c in range(chunks)
+    )
+    whole = took[first] + took.get("ring", 0.0) + took[last]
+    return pack + x_in + steps + x_out - whole
+
+
 def predict(
     shape: ModelShape,
     cfg: ContextParallelConfig,
@@ -247,29 +303,35 @@ def predict(
     by_phase: dict[tuple[str, str, int], list[Transfer]] = defaultdict(list)
     for t in transfers:
         by_phase[t.direction, t.phase, t.step].append(t)
-    pred = Prediction()
+    chunks = pipeline_chunks_of(shape, rs, cfg)
+    pred = Prediction(pipeline_chunks=chunks)
     for direction, phases, compute in (
         ("forward", FORWARD_PHASES, fwd_c),
         ("backward", BACKWARD_PHASES, bwd_c),
     ):
-        total = 0.0
+        took: dict[str, float] = {}  # seconds of each phase that ran, exposed as a whole
         for phase in phases:
             if phase == "ring":
-                total += _ring_time(
+                took[phase] = _ring_time(
                     [t for t in transfers if t.direction == direction and t.phase == "ring"],
                     compute, rs.r, direction, nodes, cluster, pred,
                 )  # fmt: skip
                 continue
-            if not by_phase.get((direction, phase, 0)):  # no all-to-all in this phase
+            group = by_phase.get((direction, phase, 0))
+            if not group:  # no all-to-all in this phase
                 continue
             work = _packing_s(shape, rs, cluster, phase)
-            comm = transfer_time(by_phase[direction, phase, 0], nodes, cluster)
-            total += work + comm
+            comm = transfer_time(group, nodes, cluster)
+            took[phase] = work + comm
             pred.compute_s += work
             pred.comm_s += comm
             pred.phases.append(
                 {"direction": direction, "phase": phase, "compute_s": work, "comm_s": comm}
             )
+        total = sum(took.values())
+        if chunks > 1:
+            first, last = PIPELINED[direction]
+            total += _pipelined(took, first, last, chunks, direction, by_phase, nodes, cluster)
         if direction == "forward":
             pred.forward_s = total
         else:

@@ -172,6 +172,7 @@ def evaluate(
         predicted_step_time_s=step_s,
         forward_time_s=pred.forward_s,
         backward_time_s=pred.backward_s,
+        ulysses_pipeline_chunks=pred.pipeline_chunks,
         compute_time_s=pred.compute_s,
         exposed_comm_time_s=pred.exposed_comm_s,
         comm_time_s=pred.comm_s,
@@ -196,6 +197,34 @@ def _busiest(per_rank: dict[int, dict[str, dict[str, int]]]) -> dict[str, int]:
     }  # fmt: skip
 
 
+#: predictions closer than this (relative) are a tie: far inside the model's accuracy (the
+#: simulated multi-node runs put single predictions within 25% of the measurement)
+TIE = 0.01
+
+
+def rank_configs(configs: list[dict]) -> list[dict]:
+    """Best first: by predicted time, except that the configurations predicted within
+    :data:`TIE` of the fastest come first, ordered by the bytes each rank sends between nodes
+    (then by time): among equals, the one that leans least on the links the model knows least
+    and other jobs share."""
+    by_time = sorted(configs, key=lambda c: (c["predicted_time_s"], c["bytes_per_rank"][INTER]))
+    if not by_time:
+        return []
+    limit = by_time[0]["predicted_time_s"] * (1 + TIE)
+    tied = [c for c in by_time if c["predicted_time_s"] <= limit]
+    tied.sort(key=lambda c: (c["bytes_per_rank"][INTER], c["predicted_time_s"]))
+    return tied + by_time[len(tied) :]
+
+
+def _runner_up(ranked: list[dict]) -> dict | None:
+    """What the recommendation is compared with: the fastest configuration when a tie gave the
+    recommendation to a slower one, else the second best."""
+    fastest = min(ranked, key=lambda c: c["predicted_time_s"])
+    if fastest is not ranked[0]:
+        return fastest
+    return ranked[1] if len(ranked) > 1 else None
+
+
 def _reason(best: dict, runner_up: dict | None, cluster: Cluster) -> str:
     b = best["bytes_per_rank"]
     where = (
@@ -209,9 +238,16 @@ def _reason(best: dict, runner_up: dict | None, cluster: Cluster) -> str:
         return f"{name} is the only valid configuration: {where}."
     gap = runner_up["predicted_time_s"] / best["predicted_time_s"] - 1
     other = runner_up["name"]
+    devices = f"on {cluster.nodes} x {cluster.devices_per_node} devices"
+    if gap < 0:  # a tie (rank_configs) that a faster configuration lost on inter-node bytes
+        return (
+            f"{name} is recommended at {best['predicted_time_s'] * 1e3:.3g} ms per layer, "
+            f"{-gap * 100:.1f}% behind {other} (a tie at this model's accuracy) with less "
+            f"inter-node traffic: {where} {devices}."
+        )
     return (
         f"{name} is predicted fastest at {best['predicted_time_s'] * 1e3:.3g} ms per layer: {where} "
-        f"on {cluster.nodes} x {cluster.devices_per_node} devices, {gap * 100:.1f}% ahead of {other}."
+        f"{devices}, {gap * 100:.1f}% ahead of {other}."
     )
 
 
@@ -230,7 +266,8 @@ def plan(
 
     ``cp`` defaults to every device not used by tensor parallelism (world / tp). The recommended
     entry is the fastest valid one that fits in device memory (the fastest valid one when none
-    fits); ties go to fewer inter-node bytes. ``windows``: the ``--cp-window-size`` values
+    fits), where predictions within 1% count as a tie that goes to fewer inter-node bytes
+    (:func:`rank_configs`). ``windows``: the ``--cp-window-size`` values
     to try (``None``: every valid one); kvallgather is tried beside the ring, the Ulysses
     all-gather of K/V beside Ulysses when the model has fewer K/V heads than query heads.
     """
@@ -249,7 +286,7 @@ def plan(
     ]
     valid = [c for c in configs if c["valid"]]
     pool = [c for c in valid if c["fits_in_memory"]] or valid
-    ranked = sorted(pool, key=lambda c: (c["predicted_time_s"], c["bytes_per_rank"][INTER]))
+    ranked = rank_configs(pool)
     result = {
         "model": asdict(shape),
         "cluster": cluster.as_dict(),
@@ -258,7 +295,7 @@ def plan(
         "configs": configs,
         "recommended": dict(ranked[0]) if ranked else None,
         "reason": (
-            _reason(ranked[0], ranked[1] if len(ranked) > 1 else None, cluster)
+            _reason(ranked[0], _runner_up(ranked), cluster)
             if ranked
             else "no configuration is valid: see each entry's error"
         ),
