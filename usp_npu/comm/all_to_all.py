@@ -72,14 +72,15 @@ def _exchange(recv: torch.Tensor, send: torch.Tensor, group, p2p: bool) -> list:
     link, can run the two directions one after the other)."""
     if not p2p:
         return [dist.all_to_all_single(recv, send, group=group, async_op=True)]
-    members = dist.get_process_group_ranks(group)
+    members = dist.get_process_group_ranks(group or dist.group.WORLD)
     u, me = len(members), members.index(dist.get_rank())
-    recv[me].copy_(send[me])
-    peers = [(me + i) % u for i in range(1, u)]
+    recv[me].copy_(send[me])  # my own share never leaves
+    # the i-th next rank gets my i-th send while I receive from the i-th previous one: at every
+    # position of the lists each rank has exactly one sender and one receiver
+    sources = [(me - i) % u for i in range(1, u)]
+    targets = [(me + i) % u for i in range(1, u)]
     return post_receives_then_sends(
-        [(recv[(me - i) % u], members[(me - i) % u]) for i in range(1, u)],
-        [(send[j], members[j]) for j in peers],
-        group,
+        [(recv[j], members[j]) for j in sources], [(send[j], members[j]) for j in targets], group
     )
 
 
