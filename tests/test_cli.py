@@ -107,6 +107,7 @@ def test_bench_counts_bytes_as_the_cost_model_says(tmp_path, capsys):
     argv = ["bench", "--world-size", "4", "--seq-length", "64", "--num-attention-heads", "4"]
     argv += ["--head-dim", "8", "--repeats", "1", "--json", str(path)]
     argv += ["--devices-per-node", "2", "--plot", str(tmp_path / "bench.png")]
+    argv += ["--ulysses-all-to-all", "p2p"]  # counts the same bytes as the collective
     assert cli.main(argv) == 0
     rows = json.loads(path.read_text())
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
@@ -122,6 +123,7 @@ def test_bench_counts_bytes_as_the_cost_model_says(tmp_path, capsys):
         assert row["mib_by_kind"] == pytest.approx(want), row["config"]
         assert row["mib_per_rank"] == pytest.approx(sum(want.values()))
         assert row["compute_max_over_mean"] >= 1.0 and row["cpu_vs_single"] > 0
+        assert row["all_to_all"] == "p2p"
         # per link class (ranks {0, 1} and {2, 3} share a node): what usp-npu plan predicts
         entry = evaluate(SHAPE, BenchCase(**bench_fields(row)).config(), NODES_2X2)
         assert row["bytes_per_rank"] == entry["bytes_per_rank"], row["config"]

@@ -20,7 +20,7 @@ from dataclasses import replace
 import torch
 
 from usp_npu.arguments import add_context_parallel_args
-from usp_npu.config import ContextParallelConfig
+from usp_npu.config import ALL_TO_ALL_KINDS, ContextParallelConfig
 from usp_npu.plan.cluster import PRESETS
 from usp_npu.plan.placement import PLACEMENTS, node_of_rank
 from usp_npu.sharding import token_indices
@@ -73,6 +73,12 @@ def _bench_parser(sub) -> None:
         help="count bytes per link class as if this many consecutive ranks shared a node",
     )
     p.add_argument("--placement", choices=PLACEMENTS, default="megatron")
+    p.add_argument(
+        "--ulysses-all-to-all",
+        choices=ALL_TO_ALL_KINDS,
+        default="collective",
+        help="the Ulysses all-to-all as one collective or point-to-point (p2p: gloo across hosts)",
+    )
     _output_args(p, "rows")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
@@ -135,6 +141,7 @@ def _bench(args) -> int:
                 repeats=args.repeats,
                 devices_per_node=args.devices_per_node,
                 placement=args.placement,
+                all_to_all=args.ulysses_all_to_all,
             )
             for c in cases
         ]
