@@ -111,7 +111,9 @@ def main() -> None:
     port = 29600
     for rnd in range(args.rounds):
         for name in args.configs:
-            for label, python, script, extra in _programs(args, name):
+            progs = _programs(args, name)
+            # odd rounds run the programs in reverse, so no program always runs first or last
+            for label, python, script, extra in progs[::-1] if rnd % 2 else progs:
                 port += 1
                 res = _run(python, script, extra, port)
                 runs.setdefault((name, label), []).append(res)
@@ -150,7 +152,34 @@ def _table(args, runs, loads) -> str:
                 f"| {name} (u{u} r{r}) | {label} | {m['fwd']:.3f} | {m['fwdbwd']:.3f} | "
                 f"{ideal['fwd'] / m['fwd']:.0%} | {ideal['fwdbwd'] / m['fwdbwd']:.0%} | {chunks} |"
             )
-    return "\n".join(lines)
+    return "\n".join(lines + _paired(args, runs))
+
+
+def _paired(args, runs) -> list[str]:
+    """usp_npu's time over yunchang's, round by round: the two ran minutes apart in the same
+    round, so slow drifts of the shared machine cancel better than in a ratio of medians."""
+    peer = "yunchang 0.6.4"
+    if not any(label == peer for _, label in runs):
+        return []
+    lines = [
+        "",
+        "usp_npu time / yunchang time, per round (< 1: usp_npu faster): median [min, max]",
+        "",
+        "| config | fwd | fwd+bwd | rounds usp_npu faster (fwd, fwd+bwd) |",
+        "|---|---|---|---|",
+    ]
+    for name in args.configs:
+        ours, theirs = runs[(name, "usp_npu")], runs[(name, peer)]
+        cells, wins = [], []
+        for m in ("fwd", "fwdbwd"):
+            ratios = [
+                a[f"{m}_median_s"] / b[f"{m}_median_s"] for a, b in zip(ours, theirs, strict=True)
+            ]
+            cells.append(f"{statistics.median(ratios):.3f} [{min(ratios):.3f}, {max(ratios):.3f}]")
+            wins.append(f"{sum(x < 1 for x in ratios)}/{len(ratios)}")
+        u, r = CONFIGS[name]
+        lines.append(f"| {name} (u{u} r{r}) | {cells[0]} | {cells[1]} | {', '.join(wins)} |")
+    return lines
 
 
 if __name__ == "__main__":
