@@ -70,6 +70,10 @@ def test_plan_json_contract(capsys):
     assert best in configs and best["predicted_time_s"] <= fastest["predicted_time_s"] * 1.01
     assert isinstance(result["reason"], str) and result["reason"].endswith(".")
     assert best["name"] in result["reason"]
+    # the sentence travels with the recommended entry; every other entry has none
+    assert best["reason"] == result["reason"]
+    assert [c["reason"] for c in configs].count(result["reason"]) == 1
+    assert all(c["reason"] is None for c in configs if c != best)
     # Ulysses inside each node, the ring across the two (the USP paper's rule): u=4 r=4 is
     # predicted 0.6% faster (its pipelined all-to-all hides half its exchange), a tie that the
     # 3x fewer inter-node bytes of u=8 r=2 win

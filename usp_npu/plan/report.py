@@ -262,7 +262,9 @@ def plan(
     windows: tuple[int, ...] | None = None,
     cache_interval: int = 0,
 ) -> dict:
-    """The whole plan: ``{"model", "cluster", "configs", "recommended", "reason"}``.
+    """The whole plan: ``{"model", "cluster", "configs", "recommended", "reason"}``; every entry
+    of ``configs`` has a ``reason`` too: the recommendation's sentence in the recommended entry
+    (and so in ``recommended``, its copy), ``None`` in the others.
 
     ``cp`` defaults to every device not used by tensor parallelism (world / tp). The recommended
     entry is the fastest valid one that fits in device memory (the fastest valid one when none
@@ -287,20 +289,23 @@ def plan(
     valid = [c for c in configs if c["valid"]]
     pool = [c for c in valid if c["fits_in_memory"]] or valid
     ranked = rank_configs(pool)
-    result = {
+    reason = (
+        _reason(ranked[0], _runner_up(ranked), cluster)
+        if ranked
+        else "no configuration is valid: see each entry's error"
+    )
+    # the sentence also sits in its entry, so `recommended` stays an exact copy of one entry
+    for c in configs:
+        c["reason"] = reason if ranked and c is ranked[0] else None
+    return {
         "model": asdict(shape),
         "cluster": cluster.as_dict(),
         "context_parallel_size": cp,
         "tensor_model_parallel_size": tp,
         "configs": configs,
         "recommended": dict(ranked[0]) if ranked else None,
-        "reason": (
-            _reason(ranked[0], _runner_up(ranked), cluster)
-            if ranked
-            else "no configuration is valid: see each entry's error"
-        ),
+        "reason": reason,
     }
-    return result
 
 
 def format_plan(result: dict) -> str:
