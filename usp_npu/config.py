@@ -79,6 +79,11 @@ class ContextParallelConfig:
     ulysses_pipeline_chunks: int | None = None
     ulysses_all_to_all: str = "collective"
 
+    @property
+    def ulysses_p2p(self) -> bool:
+        """Whether the Ulysses all-to-all runs as point-to-point exchanges (``p2p``)."""
+        return self.ulysses_all_to_all == "p2p"
+
     @classmethod
     def from_args(cls, args: object) -> ContextParallelConfig:
         """Build from an ``argparse.Namespace`` (or any object) carrying the flags' attributes."""

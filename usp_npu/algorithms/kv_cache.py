@@ -66,7 +66,7 @@ def ulysses_heads_to_sequence(
     ``[S, B, n, D]`` (``n`` = the K/V heads this rank's query heads use).
     """
     group, u = mesh.ulysses_group, mesh.ulysses_size
-    p2p = mesh.config.ulysses_all_to_all == "p2p"
+    p2p = mesh.config.ulysses_p2p
     if mesh.config.use_ulysses_allgather_kv:
         heads = kv_head_range(q.shape[2], k.shape[2], u, mesh.ulysses_rank)
 

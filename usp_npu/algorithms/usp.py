@@ -204,7 +204,7 @@ def usp_attention(
     """
     u, r = mesh.ulysses_size, mesh.ring_size
     cfg = mesh.config
-    p2p = cfg.ulysses_all_to_all == "p2p"
+    p2p = cfg.ulysses_p2p
 
     def ring_plan(local_len: int, restore=None) -> RingPlan:
         steps = ring_schedule(mesh.ring_rank, r, local_len, cfg.causal, mask, cu_seqlens, q.device)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from usp_npu.comm.p2p import post_receives_then_sends
+from usp_npu.comm.p2p import post_receives_then_sends, wait_each
 from usp_npu.comm.stats import CommStats
 
 
@@ -36,9 +36,7 @@ class PendingAllToAll:
     to_sequence: bool
 
     def _finish(self) -> None:
-        while self.works:  # a gloo work waited twice can block: forget each once done
-            self.works[0].wait()
-            self.works.pop(0)
+        wait_each(self.works)
 
     def wait(self) -> list[torch.Tensor]:
         """heads -> sequence: views ``[S, B, w_i, D]`` of the receive buffer (no copy)."""

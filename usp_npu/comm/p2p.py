@@ -35,3 +35,11 @@ def post_receives_then_sends(
     ops = [dist.P2POp(dist.irecv, t, peer, group) for t, peer in receives]
     ops += [dist.P2POp(dist.isend, t, peer, group) for t, peer in sends]
     return dist.batch_isend_irecv(ops)
+
+
+def wait_each(works: list) -> None:
+    """Wait for every work in ``works``, removing each from the list once done: a gloo work
+    waited twice can block forever, and a caller may call again (or fail half-way and retry)."""
+    while works:
+        works[0].wait()
+        works.pop(0)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from usp_npu.comm.p2p import post_receives_then_sends
+from usp_npu.comm.p2p import post_receives_then_sends, wait_each
 from usp_npu.comm.stats import CommStats
 from usp_npu.parallel_state import ContextParallelMesh
 
@@ -36,11 +36,8 @@ class PendingRecv:
 
     def wait(self) -> torch.Tensor:
         start = time.perf_counter()
-        # Idempotent: a gloo work waited twice can block forever, so forget each once done.
         try:
-            while self.works:
-                self.works[0].wait()
-                self.works.pop(0)
+            wait_each(self.works)  # idempotent: a second wait() returns at once
         except RuntimeError as err:
             raise RuntimeError(
                 f"usp_npu ring exchange (send to rank {self.peers[0]}, receive from rank "
