@@ -155,6 +155,15 @@ def _table(args, runs, loads) -> str:
     return "\n".join(lines + _paired(args, runs))
 
 
+def ratio_cells(ours: list[float], theirs: list[float]) -> tuple[str, str]:
+    """Pair by pair ``ours / theirs``: ``"median [min, max]"`` and ``"won/pairs"`` (won: < 1)."""
+    ratios = [a / b for a, b in zip(ours, theirs, strict=True)]
+    return (
+        f"{statistics.median(ratios):.3f} [{min(ratios):.3f}, {max(ratios):.3f}]",
+        f"{sum(x < 1 for x in ratios)}/{len(ratios)}",
+    )
+
+
 def _paired(args, runs) -> list[str]:
     """usp_npu's time over yunchang's, round by round: the two ran minutes apart in the same
     round, so slow drifts of the shared machine cancel better than in a ratio of medians."""
@@ -170,15 +179,12 @@ def _paired(args, runs) -> list[str]:
     ]
     for name in args.configs:
         ours, theirs = runs[(name, "usp_npu")], runs[(name, peer)]
-        cells, wins = [], []
-        for m in ("fwd", "fwdbwd"):
-            ratios = [
-                a[f"{m}_median_s"] / b[f"{m}_median_s"] for a, b in zip(ours, theirs, strict=True)
-            ]
-            cells.append(f"{statistics.median(ratios):.3f} [{min(ratios):.3f}, {max(ratios):.3f}]")
-            wins.append(f"{sum(x < 1 for x in ratios)}/{len(ratios)}")
+        fwd, fwdbwd = (
+            ratio_cells([a[f"{m}_median_s"] for a in ours], [b[f"{m}_median_s"] for b in theirs])
+            for m in ("fwd", "fwdbwd")
+        )
         u, r = CONFIGS[name]
-        lines.append(f"| {name} (u{u} r{r}) | {cells[0]} | {cells[1]} | {', '.join(wins)} |")
+        lines.append(f"| {name} (u{u} r{r}) | {fwd[0]} | {fwdbwd[0]} | {fwd[1]}, {fwdbwd[1]} |")
     return lines
 
 

@@ -143,17 +143,13 @@ def _header(args, torch, module, rank, world):
     }  # fmt: skip
 
 
-def worker(rank: int, world: int, args) -> None:
-    import torch
-    import torch.distributed as dist
-
+def build_usp(args, world: int, torch):
+    """usp_npu's attention for ``--ulysses``/``--ring`` on the initialised default group:
+    ``(attend, leaves, dout_local, mesh, inputs)``; ``attend()`` runs one layer's attention on
+    this rank's shards ``leaves`` (q, k, v with ``requires_grad``), ``inputs`` the global tensors."""
     import usp_npu
-    from usp_npu.algorithms.usp import pipeline_chunks
     from usp_npu.config import HYBRID, RING, ULYSSES
 
-    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world))
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", rank=rank, world_size=world)
     u, r = args.ulysses, args.ring
     assert u * r == world, f"ulysses*ring ({u}*{r}) must equal world size {world}"
     algo = ULYSSES if r == 1 else (RING if u == 1 else HYBRID)
@@ -166,19 +162,36 @@ def worker(rank: int, world: int, args) -> None:
         ulysses_pipeline_chunks=args.pipeline_chunks,
     )
     mesh = usp_npu.initialize_context_parallel(cfg)
-    q, k, v, dout = _inputs(args, torch)
+    inputs = _inputs(args, torch)
+    q, k, v, dout = inputs
     leaves = [usp_npu.split_sequence(x, 1, mesh=mesh).detach().requires_grad_() for x in (q, k, v)]
     dout_local = usp_npu.split_sequence(dout, 1, mesh=mesh)
 
     def attend():
         return usp_npu.context_parallel_attention(*leaves, "BSND", mesh=mesh)
 
+    return attend, leaves, dout_local, mesh, inputs
+
+
+def worker(rank: int, world: int, args) -> None:
+    import torch
+    import torch.distributed as dist
+
+    import usp_npu
+    from usp_npu.algorithms.usp import pipeline_chunks
+
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world))
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+    attend, leaves, dout_local, mesh, (q, k, v, dout) = build_usp(args, world, torch)
+
     def reduce_max(times):
         t = torch.tensor(times, dtype=torch.float64)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return t.tolist()
 
-    res = _header(args, torch, f"usp_npu {algo}", rank, world)
+    res = _header(args, torch, f"usp_npu {mesh.config.context_parallel_algo}", rank, world)
+    u = args.ulysses
     kv_rep = max(args.kv_heads or args.heads, u)
     local = (args.seq // world, args.batch, args.heads, args.head_dim)
     res["pipeline_chunks"] = pipeline_chunks(
