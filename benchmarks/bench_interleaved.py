@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -48,14 +49,19 @@ def _args(argv=None) -> argparse.Namespace:
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--threads", type=int, default=1, help="threads per rank")
     p.add_argument("--peer", default=str(DEFAULT_PEER), help="path of yunchang_cpu_peer.py")
-    p.add_argument("--peer-site", default="/work/peer-venv/lib/python3.11/site-packages",
-                   help="site-packages holding yunchang 0.6.4 (appended to sys.path)")  # fmt: skip
+    p.add_argument("--peer-python", default="/work/peer-venv/bin/python",
+                   help="python of the venv with yunchang 0.6.4 (its site-packages is used)")  # fmt: skip
+    p.add_argument("--peer-site", default=None,
+                   help="site-packages holding yunchang 0.6.4, instead of --peer-python's")  # fmt: skip
     p.add_argument("--port", type=int, default=29810)
     p.add_argument("--pipeline-chunks", type=int, default=None,
                    help="usp_npu's --ulysses-pipeline-chunks (default: its rule)")  # fmt: skip
     args = p.parse_args(argv)
     # what build_usp reads (usp_driver's options), fixed to this benchmark's problem
     args.batch, args.kv_heads, args.dtype, args.causal, args.seed = 1, None, "fp32", True, 0
+    if args.peer_site is None:
+        ask = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+        args.peer_site = subprocess.check_output([args.peer_python, "-c", ask], text=True).strip()
     return args
 
 
