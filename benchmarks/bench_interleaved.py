@@ -33,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from bench_peers import CONFIGS, DEFAULT_PEER, ratio_cells  # noqa: E402
-from usp_driver import build_usp  # noqa: E402
+from usp_driver import build_single, build_usp  # noqa: E402
 
 PEER_NAME = "yunchang 0.6.4"
 
@@ -106,19 +106,6 @@ def _yunchang(args, rank: int, world: int, inputs):
     return attend, leaves, dout
 
 
-def _ideal(inputs):
-    """Rank 0's one-process attention on the whole sequence (``_step`` sets its threads)."""
-    import torch.nn.functional as F
-
-    q, k, v, dout = (x.transpose(1, 2).contiguous() for x in inputs)
-    leaves = [x.requires_grad_() for x in (q, k, v)]
-
-    def attend():
-        return F.scaled_dot_product_attention(*leaves, is_causal=True)
-
-    return attend, leaves, dout
-
-
 def _step(program, backward: bool, threads: int, torch) -> None:
     """One forward (no autograd) or forward + backward, forward and backward on ``threads``."""
     attend, leaves, dout = program
@@ -149,7 +136,7 @@ def worker(rank: int, world: int, args, results) -> None:
     ideal_threads = min(world * args.threads, os.cpu_count() or 1)
     ideal = f"one process, {ideal_threads} threads"
     if rank == 0:
-        programs[ideal] = _ideal(inputs)
+        programs[ideal] = build_single(args, inputs)  # rank 0 alone, ideal_threads
     threads = {"usp_npu": args.threads, PEER_NAME: args.threads, ideal: ideal_threads}
     names = ["usp_npu", PEER_NAME, ideal]
     times = {(n, p): [] for n in names for p in ("fwd", "fwdbwd")}

@@ -113,21 +113,29 @@ def _bench(args, res, attend, leaves, dout, barrier, reduce_max):
     res["total_bench_s"] = round(time.perf_counter() - t_start, 3)
 
 
-def single_process(args) -> dict:
-    """One process, ``--threads`` threads: SDPA on the whole sequence (the ideal)."""
-    import torch
+def build_single(args, inputs):
+    """One-process attention on the whole sequence (SDPA, the same CPU flash kernel):
+    ``(attend, leaves, dout)`` in SDPA's ``[B, H, S, D]`` layout, from the global ``inputs``."""
     import torch.nn.functional as F
 
-    torch.set_num_threads(args.threads or (os.cpu_count() or 1))
-    q, k, v, dout = _inputs(args, torch)
+    q, k, v, dout = inputs
     leaves = [x.transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v)]
     gqa = leaves[1].shape[1] != leaves[0].shape[1]
 
     def attend():
         return F.scaled_dot_product_attention(*leaves, is_causal=args.causal, enable_gqa=gqa)
 
+    return attend, leaves, dout.transpose(1, 2).contiguous()
+
+
+def single_process(args) -> dict:
+    """One process, ``--threads`` threads: SDPA on the whole sequence (the ideal)."""
+    import torch
+
+    torch.set_num_threads(args.threads or (os.cpu_count() or 1))
+    attend, leaves, dout = build_single(args, _inputs(args, torch))
     res = _header(args, torch, "one_process_sdpa", 0, 1)
-    _bench(args, res, attend, leaves, dout.transpose(1, 2).contiguous(), lambda: None, lambda t: t)
+    _bench(args, res, attend, leaves, dout, lambda: None, lambda t: t)
     return res
 
 
